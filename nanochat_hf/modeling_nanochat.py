@@ -1,0 +1,435 @@
+# This file ships to the Hub next to the weights: it imports only torch, transformers and its sibling config.
+"""NanoChat: Karpathy's nanochat GPT as a transformers model, both architecture generations.
+
+Weight names follow transformers' built-in `NanoChatForCausalLM` where the two share a part, so a 2025-generation
+checkpoint exports to the built-in class by rewriting config.json alone.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+from .configuration_nanochat import NanoChatConfig
+
+# transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`; support both.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Attribute on the KV cache holding the previous token's pre-smear embedding (nanochat's `prev_embedding`).
+_SMEAR_STATE = "nanochat_prev_embedding"
+
+
+def rms_norm(x: torch.Tensor, eps: float | None) -> torch.Tensor:
+    # Weightless, like nanochat's `F.rms_norm(x, (d,))`; eps=None means the dtype's machine epsilon.
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin of shape (B, 1, T, head_dim/2), computed from positions rather than cached: nothing to initialise,
+    nothing stale after `from_pretrained`, and any position is valid."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    freqs = position_ids[:, None, :, None].float() * inv_freq
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # nanochat rotates the two halves by -theta: y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention on a boolean mask (True = attend); (B, H, T, D) layout like SDPA."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is None:
+        attention_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def attention_mask_for_window(
+    window: int, query_len: int, past_len: int, padding_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Boolean (B|1, 1, Tq, Tk) mask: causal, at most `window` keys to the left, padded keys removed.
+
+    Query rows with no key left (left padding) are opened to every key so SDPA returns finite values; their
+    outputs are padding and nothing attends to them.
+    """
+    key_len = past_len + query_len
+    q_pos = torch.arange(past_len, key_len, device=device)[:, None]
+    k_pos = torch.arange(key_len, device=device)[None, :]
+    mask = (k_pos <= q_pos) & (q_pos - k_pos <= window)
+    mask = mask[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, :key_len].bool()
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+class NanoChatAttention(nn.Module):
+    def __init__(self, config: NanoChatConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.window = config.layer_windows[layer_idx]
+        # nanochat multiplies q and k by qk_scale after QK-norm; folding both into the softmax scale is the same.
+        self.scaling = config.qk_scale**2 / math.sqrt(self.head_dim)
+        self.is_causal = True
+        d = config.hidden_size
+        self.q_proj = _with_role(nn.Linear(d, self.num_heads * self.head_dim, bias=False), "qkv")
+        self.k_proj = _with_role(nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False), "qkv")
+        self.v_proj = _with_role(nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False), "qkv")
+        self.o_proj = _with_role(nn.Linear(self.num_heads * self.head_dim, d, bias=False), "zero")
+        self.ve_gate = None
+        if layer_idx in config.value_embed_layers:
+            self.ve_gate = _with_role(nn.Linear(config.value_embed_gate_channels, self.num_kv_heads, bias=False), "gate")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, d), already normed
+        value_embedding: torch.Tensor | None,  # (B, T, kv_heads * head_dim) or None
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.ve_gate is not None:
+            channels = self.config.value_embed_gate_channels
+            gate = self.config.value_embed_gate_range * torch.sigmoid(self.ve_gate(hidden_states[..., :channels]))
+            ve = value_embedding.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v + gate.transpose(1, 2).unsqueeze(-1) * ve
+        cos, sin = position_embeddings
+        # nanochat order: RoPE first, then the weightless QK-norm.
+        q = rms_norm(apply_rotary(q, cos, sin), self.config.rms_norm_eps)
+        k = rms_norm(apply_rotary(k, cos, sin), self.config.rms_norm_eps)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attention = eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sdpa_attention_forward)
+        out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class NanoChatMLP(nn.Module):
+    def __init__(self, config: NanoChatConfig):
+        super().__init__()
+        self.fc1 = _with_role(nn.Linear(config.hidden_size, config.intermediate_size, bias=False), "fc1")
+        self.fc2 = _with_role(nn.Linear(config.intermediate_size, config.hidden_size, bias=False), "zero")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)).square())
+
+
+class NanoChatDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: NanoChatConfig, layer_idx: int):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.self_attn = NanoChatAttention(config, layer_idx)
+        self.mlp = NanoChatMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        value_embedding: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn = self.self_attn(
+            rms_norm(hidden_states, self.eps), value_embedding, position_embeddings, attention_mask, cache, **kwargs
+        )
+        hidden_states = hidden_states + attn
+        return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
+
+
+class NanoChatPreTrainedModel(PreTrainedModel):
+    config_class = NanoChatConfig
+    config: NanoChatConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NanoChatDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """nanochat's initialisation, per generation.
+
+        transformers skips modules that own no tensor directly, so each Linear/Embedding carries its role in
+        `init_role` (set where it is built) and the scalars are set by the module that owns them.
+        """
+        config = self.config
+        modern = config.generation == "2026"
+        role = getattr(module, "init_role", None)
+        if role is not None:
+            weight = module.weight
+            fan_out, fan_in = weight.shape
+            s = math.sqrt(3) / math.sqrt(config.hidden_size)  # uniform bound with the std of N(0, 1/d)
+            if role == "zero":
+                init.zeros_(weight)
+            elif role == "gate":
+                init.uniform_(weight, 0.0, 0.02)
+            elif role == "value_embed":
+                init.uniform_(weight, -s, s)
+            elif role == "embed":
+                init.normal_(weight, mean=0.0, std=0.8 if modern else 1.0)
+            elif role == "lm_head":
+                init.normal_(weight, mean=0.0, std=0.001) if modern else init.zeros_(weight)
+            elif modern:  # "qkv" or "fc1"
+                bound = 0.4 * s if role == "fc1" else s
+                init.uniform_(weight, -bound, bound)
+            else:
+                # 2025: N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in))) (arXiv 2310.17813)
+                init.normal_(weight, mean=0.0, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+        elif isinstance(module, NanoChatModel):
+            if module.resid_lambdas is not None:
+                n = config.num_hidden_layers
+                frac = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
+                init.copy_(module.resid_lambdas, 1.15 - 0.10 * frac)
+                init.copy_(module.x0_lambdas, 0.20 - 0.15 * frac)
+            if module.smear_lambda is not None:
+                init.zeros_(module.smear_lambda)
+            if module.backout_lambda is not None:
+                init.constant_(module.backout_lambda, 0.2)
+
+
+def _with_role(module: nn.Module, role: str) -> nn.Module:
+    module.init_role = role
+    return module
+
+
+class NanoChatModel(NanoChatPreTrainedModel):
+    def __init__(self, config: NanoChatConfig):
+        super().__init__(config)
+        vocab = config.padded_vocab_size
+        kv_dim = config.num_key_value_heads * config.head_dim
+        self.embed_tokens = _with_role(nn.Embedding(vocab, config.hidden_size), "embed")
+        self.value_embeds = nn.ModuleDict(
+            {str(i): _with_role(nn.Embedding(vocab, kv_dim), "value_embed") for i in config.value_embed_layers}
+        )
+        self.layers = nn.ModuleList(NanoChatDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        n = config.num_hidden_layers
+        self.resid_lambdas = nn.Parameter(torch.ones(n)) if config.residual_lambdas else None
+        self.x0_lambdas = nn.Parameter(torch.zeros(n)) if config.residual_lambdas else None
+        self.smear_gate = _with_role(nn.Linear(config.smear_gate_channels, 1, bias=False), "gate") if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _smear(self, x: torch.Tensor, cache: Cache | None, past_len: int, padding_mask: torch.Tensor | None):
+        """x[t] += smear_lambda * sigmoid(smear_gate(x[t, :C])) * x[t-1], on the pre-smear normed embeddings."""
+        if past_len > 0:
+            prev_first = getattr(cache, _SMEAR_STATE, None)
+            if prev_first is None or prev_first.shape[0] != x.shape[0]:
+                raise ValueError(
+                    "NanoChat smear needs the previous token's embedding, which this KV cache does not hold "
+                    "(it was not filled by this model, or its batch was changed). Prefill the cache with this model."
+                )
+        else:
+            prev_first = torch.zeros_like(x[:, :1])
+        prev = torch.cat([prev_first.to(x.dtype), x[:, :-1]], dim=1)
+        if padding_mask is not None:
+            # A padded previous position contributes nothing: left-padded rows then match their unpadded forward.
+            key_len = past_len + x.shape[1]
+            prev_is_real = padding_mask[:, max(past_len - 1, 0) : key_len - 1].to(x.dtype)
+            if past_len == 0:
+                prev_is_real = torch.cat([torch.zeros_like(prev_is_real[:, :1]), prev_is_real], dim=1)
+            prev = prev * prev_is_real[..., None]
+        if cache is not None:
+            setattr(cache, _SMEAR_STATE, x[:, -1:].detach())
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., : self.config.smear_gate_channels]))
+        return x + gate * prev
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        config = self.config
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("NanoChatModel: pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is None and (config.value_embeds or config.smear):
+            # Value embeddings are looked up by token id, so embeddings alone cannot drive this model.
+            raise ValueError("NanoChatModel: value embeddings need `input_ids`; `inputs_embeds` alone is not enough.")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"NanoChatModel: `attention_mask` must be a 2-D (batch, keys) padding mask, got {attention_mask.dim()}-D."
+            )
+        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        past_len = cache.get_seq_length() if cache is not None else 0
+
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=x.device)[None].expand(B, -1)
+        x = rms_norm(x, config.rms_norm_eps)
+        if self.smear_gate is not None:
+            x = self._smear(x, cache, past_len, attention_mask)
+        x0 = x
+
+        # One boolean mask per distinct window; `None` lets SDPA take its fused causal path.
+        plain_causal = attention_mask is None and past_len == 0 and config._attn_implementation != "eager"
+        if attention_mask is not None and bool(attention_mask.all()):
+            plain_causal = past_len == 0 and config._attn_implementation != "eager"
+            attention_mask = None
+        masks = {}
+        for window in set(config.layer_windows):
+            if plain_causal and window >= T - 1:
+                masks[window] = None
+            else:
+                masks[window] = attention_mask_for_window(window, T, past_len, attention_mask, x.device)
+
+        position_embeddings = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
+        x_backout = None
+        for i, layer in enumerate(self.layers):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
+            x = layer(
+                x,
+                ve,
+                position_embeddings=position_embeddings,
+                attention_mask=masks[layer.self_attn.window],
+                cache=cache,
+                **kwargs,
+            )
+            if i == config.backout_layer:
+                x_backout = x
+        if self.backout_lambda is not None:
+            x = x - self.backout_lambda * x_backout
+        x = rms_norm(x, config.rms_norm_eps)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
+
+
+class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = None
+
+    def __init__(self, config: NanoChatConfig):
+        super().__init__(config)
+        self.model = NanoChatModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = _with_role(nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False), "lm_head")
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        # Slice the padded vocab away, then softcap in fp32 as nanochat does.
+        logits = self.lm_head(hidden)[..., : self.config.vocab_size].float()
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+    # ---------------------------------------------------------------------------------------------------------
+    # nanochat's accounting: the scaling-law parameter groups and FLOPs per token.
+
+    def num_scaling_params(self) -> dict[str, int]:
+        """Parameter counts by nanochat's groups (`GPT.num_scaling_params`)."""
+        model = self.model
+        counts = {
+            "wte": model.embed_tokens.weight.numel(),
+            "value_embeds": sum(p.numel() for p in model.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in model.layers.parameters()),
+            "scalars": sum(
+                p.numel()
+                for p in (model.resid_lambdas, model.x0_lambdas, model.smear_lambda, model.backout_lambda)
+                if p is not None
+            )
+            + (model.smear_gate.weight.numel() if model.smear_gate is not None else 0),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def estimate_flops_per_token(self, sequence_length: int | None = None) -> float:
+        """Training FLOPs per token: 6 x matmul weights + 12 x heads x head_dim x attended context, per layer."""
+        config = self.config
+        seq = sequence_length or config.max_position_embeddings
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attended = sum(min(window, seq) for window in config.layer_windows)
+        return 6 * matmul_params + 12 * config.num_attention_heads * config.head_dim * attended
+
+
+__all__ = ["NanoChatPreTrainedModel", "NanoChatModel", "NanoChatForCausalLM"]

@@ -1,0 +1,45 @@
+import math
+
+import pytest
+import torch
+
+from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
+
+
+def tiny_config(generation: str = "2026", **overrides) -> NanoChatConfig:
+    """A 4-layer model small enough for CPU tests; windows short enough to be crossed in a few tokens."""
+    fields = {
+        "vocab_size": 300,
+        "max_position_embeddings": 96,
+        "head_dim": 16,
+        "aspect_ratio": 16,
+        "num_key_value_heads": 2,
+    }
+    if generation == "2026":
+        fields["short_window"] = 8
+    fields.update(overrides)
+    depth = fields.pop("depth", 4)
+    return NanoChatConfig.from_depth(depth, generation, **fields)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every tensor a non-degenerate value: nanochat's init zeroes the output projections."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p.shape[1] if "embed" not in name else 1
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            else:
+                p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=gen))
+    return model
+
+
+@pytest.fixture
+def tiny_model_factory():
+    def make(generation: str = "2026", seed: int = 0, **overrides) -> NanoChatForCausalLM:
+        torch.manual_seed(seed)
+        model = NanoChatForCausalLM(tiny_config(generation, **overrides))
+        return randomize(model, seed).eval()
+
+    return make

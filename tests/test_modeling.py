@@ -1,0 +1,312 @@
+"""NanoChatForCausalLM against oracles nobody here wrote (transformers' built-in NanoChat) and against nanochat's
+equations re-stated in tests/nanochat_reference.py."""
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+
+from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
+
+from .conftest import tiny_config
+from .nanochat_reference import nanochat_forward, reference_config, to_nanochat_state_dict
+
+ATOL = 1e-5
+
+
+def builtin_twin(ours: NanoChatForCausalLM) -> transformers.NanoChatForCausalLM:
+    """transformers' own NanoChat class with our 2025 weights loaded under the same names."""
+    c = ours.config
+    config = transformers.NanoChatConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_parameters["rope_theta"]},
+        rms_norm_eps=torch.finfo(torch.float32).eps,  # nanochat's F.rms_norm(eps=None) in fp32
+        final_logit_softcapping=c.final_logit_softcapping,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    twin = transformers.NanoChatForCausalLM(config)
+    twin.load_state_dict(ours.state_dict(), strict=True)
+    return twin.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2025 generation == transformers' built-in NanoChatForCausalLM
+
+
+def test_2025_full_forward_matches_builtin(tiny_model_factory):
+    ours = tiny_model_factory("2025")
+    twin = builtin_twin(ours)
+    ids = torch.randint(0, 300, (3, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(ids).logits - twin(ids).logits).abs().max().item()
+    assert diff <= ATOL
+
+
+def test_2025_cached_decoding_matches_builtin(tiny_model_factory):
+    ours = tiny_model_factory("2025", seed=2)
+    twin = builtin_twin(ours)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours_out = ours(ids[:, :10], use_cache=True)
+        twin_out = twin(ids[:, :10], use_cache=True)
+        ours_cache, twin_cache = ours_out.cache, twin_out.cache
+        assert (ours_out.logits - twin_out.logits).abs().max() <= ATOL
+        for t in range(10, 40):
+            ours_out = ours(ids[:, t : t + 1], cache=ours_cache, use_cache=True)
+            twin_out = twin(ids[:, t : t + 1], cache=twin_cache, use_cache=True)
+            assert (ours_out.logits - twin_out.logits).abs().max() <= ATOL, f"step {t}"
+
+
+def test_2025_left_padded_batch_matches_builtin(tiny_model_factory):
+    ours = tiny_model_factory("2025", seed=3)
+    twin = builtin_twin(ours)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 300, (3, 24), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    ids = ids.masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits
+        b = twin(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max() <= ATOL
+    # generate() derives position ids from the mask: same tokens from both, greedy.
+    with torch.no_grad():
+        ga = ours.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=1)
+        gb = twin.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=1)
+    assert torch.equal(ga, gb)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2026 generation: cache == no cache, and == nanochat's equations
+
+
+@pytest.mark.parametrize("generation", ["2025", "2026"])
+def test_matches_nanochat_equations(tiny_model_factory, generation):
+    model = tiny_model_factory(generation, seed=4)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(4))
+    sd = to_nanochat_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = nanochat_forward(sd, reference_config(model.config), ids)
+        got = model(ids).logits
+    assert (got - expected).abs().max().item() <= ATOL
+
+
+def test_2026_cached_decoding_equals_full_forward_past_the_window(tiny_model_factory):
+    model = tiny_model_factory("2026", seed=5)
+    assert model.config.short_window == 8
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=40, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = model.generate(ids, max_new_tokens=40, do_sample=False, use_cache=False, pad_token_id=0)
+        assert torch.equal(cached, uncached)
+        # step-by-step: the last-token logits with the cache equal a full forward at every step
+        out = model(cached[:, :6], use_cache=True)
+        cache = out.cache
+        for t in range(6, cached.shape[1]):
+            out = model(cached[:, t : t + 1], cache=cache, use_cache=True)
+            full = model(cached[:, : t + 1]).logits[:, -1]
+            assert (out.logits[:, -1] - full).abs().max() <= ATOL, f"position {t}"
+
+
+def test_2026_chunked_prefill_equals_full_forward(tiny_model_factory):
+    model = tiny_model_factory("2026", seed=6)
+    ids = torch.randint(0, 300, (1, 45), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        parts = [model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 13), (13, 30), (30, 45))]
+    assert (torch.cat(parts, dim=1) - full).abs().max() <= ATOL
+
+
+def test_2026_left_padding_matches_unpadded_rows(tiny_model_factory):
+    model = tiny_model_factory("2026", seed=7)
+    gen = torch.Generator().manual_seed(7)
+    rows = [torch.randint(2, 300, (n,), generator=gen) for n in (20, 13, 7)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((3, width), 1)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=1)
+        for i, r in enumerate(rows):
+            single = model.generate(r[None], max_new_tokens=15, do_sample=False, pad_token_id=1)
+            assert torch.equal(batch[i, width:], single[0, len(r) :]), f"row {i}"
+
+
+def test_windows_limit_attention(tiny_model_factory):
+    """A token further back than the window (plus smear's one step) cannot influence a later position."""
+    model = tiny_model_factory("2026", seed=8, depth=1, aspect_ratio=64, window_pattern="S", long_window=8)
+    ids = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(8))
+    changed = ids.clone()
+    changed[0, 2] = (ids[0, 2] + 1) % 300
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    # one layer with an 8-token window, plus smear reaching one token: position 2 influences positions 2..11
+    assert not torch.allclose(a[0, 11], b[0, 11])
+    assert torch.allclose(a[0, 12:], b[0, 12:], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training-side features
+
+
+def test_loss_ignores_minus_100(tiny_model_factory):
+    model = tiny_model_factory("2026")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(9))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 300)
+    targets = labels[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_logits_to_keep(tiny_model_factory):
+    model = tiny_model_factory("2026")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+        picked = model(ids, logits_to_keep=torch.tensor([0, 5])).logits
+    assert last.shape == (2, 1, 300) and torch.allclose(last, full[:, -1:], atol=1e-6)
+    assert torch.allclose(picked, full[:, [0, 5]], atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny_model_factory):
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model_factory("2026", seed=11).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(11))
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bf16_forward_close_to_fp32(tiny_model_factory):
+    model = tiny_model_factory("2026", seed=12)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        low = model.to(torch.bfloat16)(ids).logits
+    assert low.dtype == torch.float32  # logits are softcapped in fp32, as nanochat does
+    assert (low - ref).abs().max() < 0.5
+    assert (low.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def test_vocab_padding_rows_and_slicing():
+    config = tiny_config("2026", vocab_size=300)
+    assert config.padded_vocab_size == 320
+    model = NanoChatForCausalLM(config)
+    assert model.lm_head.weight.shape[0] == 320 and model.model.embed_tokens.weight.shape[0] == 320
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == 300
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# initialisation, parameter counts, FLOPs
+
+
+def test_nanochat_init_2026():
+    config = tiny_config("2026")
+    torch.manual_seed(0)
+    model = NanoChatForCausalLM(config)
+    d = config.hidden_size
+    s = 3**0.5 / d**0.5
+    layer = model.model.layers[0]
+    assert layer.self_attn.o_proj.weight.abs().max() == 0 and layer.mlp.fc2.weight.abs().max() == 0
+    assert layer.self_attn.q_proj.weight.abs().max() <= s
+    assert layer.mlp.fc1.weight.abs().max() <= 0.4 * s
+    assert abs(model.model.embed_tokens.weight.std().item() - 0.8) < 0.05
+    assert abs(model.lm_head.weight.std().item() - 0.001) < 2e-4
+    lambdas = model.model.resid_lambdas.detach()
+    assert torch.allclose(lambdas[[0, -1]], torch.tensor([1.15, 1.05]))
+    assert torch.allclose(model.model.x0_lambdas.detach()[[0, -1]], torch.tensor([0.20, 0.05]))
+    assert model.model.smear_lambda.item() == 0 and abs(model.model.backout_lambda.item() - 0.2) < 1e-7
+    assert 0 <= model.model.smear_gate.weight.min() and model.model.smear_gate.weight.max() <= 0.02
+
+
+def test_nanochat_init_2025():
+    config = tiny_config("2025")
+    torch.manual_seed(0)
+    model = NanoChatForCausalLM(config)
+    d = config.hidden_size
+    assert model.lm_head.weight.abs().max() == 0
+    assert abs(model.model.embed_tokens.weight.std().item() - 1.0) < 0.05
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert abs(q.std().item() - d**-0.5) < 0.1 * d**-0.5
+    k = model.model.layers[0].self_attn.k_proj.weight  # fan_out < fan_in: std shrinks by sqrt(fan_out/fan_in)
+    assert abs(k.std().item() - d**-0.5 * (k.shape[0] / d) ** 0.5) < 0.1 * d**-0.5
+
+
+ORIG_TABLE = {  # nanochat 3a5e0bc, vocab 65,536 (nanochat-spec §1.5)
+    12: (185_597_952, 1.0381e9),
+    20: (560_988_160, 3.491758e9),
+    26: (1_081_999_360, 6.9009e9),
+    32: (1_879_048_192, 1.207960e10),
+}
+HEAD_TABLE = {  # nanochat 92d63d4, vocab 32,768: total params, transformer_matrices, FLOPs/token with SSSL
+    12: (286_261_730, 84_935_088, 7.597e8),
+    20: (896_533_746, 393_217_200, 2.886e9),
+    26: (1_681_786_938, 863_897_580, 5.991e9),
+    32: (2_818_575_450, 1_610_615_808, 1.077e10),
+}
+
+
+@pytest.mark.parametrize("depth", sorted(ORIG_TABLE))
+def test_params_and_flops_2025(depth):
+    with torch.device("meta"):
+        model = NanoChatForCausalLM(NanoChatConfig.from_depth(depth, "2025"))
+    params, flops = ORIG_TABLE[depth]
+    assert model.num_parameters() == params
+    assert abs(model.estimate_flops_per_token() / flops - 1) < 1e-4
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("depth", sorted(HEAD_TABLE))
+def test_params_and_flops_2026(depth):
+    with torch.device("meta"):
+        model = NanoChatForCausalLM(NanoChatConfig.from_depth(depth, "2026"))
+    total, matrices, flops = HEAD_TABLE[depth]
+    counts = model.num_scaling_params()
+    assert model.num_parameters() == total == counts["total"]
+    assert counts["transformer_matrices"] == matrices
+    assert counts["scalars"] == 2 * depth + 26
+    assert abs(model.estimate_flops_per_token() / flops - 1) < 1e-3
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate()
+
+
+def test_generate_sampling_modes(tiny_model_factory):
+    model = tiny_model_factory("2026", seed=13)
+    ids = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(greedy[:, 5:6], model(ids).logits[:, -1].argmax(-1, keepdim=True))
+        torch.manual_seed(0)
+        a = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=0.7, top_k=20, pad_token_id=0)
+        torch.manual_seed(0)
+        b = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=0.7, top_k=20, pad_token_id=0)
+        assert torch.equal(a, b)
+        top1 = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=1, pad_token_id=0)
+        assert torch.equal(top1, greedy)  # top-k of 1 is greedy
+        nucleus = model.generate(ids, max_new_tokens=10, do_sample=True, top_p=1e-6, pad_token_id=0)
+        assert torch.equal(nucleus, greedy)  # a vanishing nucleus keeps only the argmax

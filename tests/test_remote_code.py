@@ -1,0 +1,116 @@
+"""A saved model is self-contained: it loads with `trust_remote_code=True` where `nanochat_hf` cannot be imported,
+from a folder and by repo id from an offline HF cache."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from nanochat_hf import NanoChatForCausalLM
+
+from .hub_cache import populate_hub_cache
+
+# Runs in a fresh interpreter; `nanochat_hf` is made unimportable before transformers is touched.
+LOADER = textwrap.dedent(
+    """
+    import sys, json
+    class BlockNanochatHF:
+        def find_spec(self, name, path=None, target=None):
+            if name == "nanochat_hf" or name.startswith("nanochat_hf."):
+                raise ImportError("nanochat_hf is blocked in this test")
+    sys.meta_path.insert(0, BlockNanochatHF())
+    import torch
+    from transformers import AutoModelForCausalLM
+    source, ids_path, out_path = sys.argv[1:4]
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True).eval()
+    assert "nanochat_hf" not in sys.modules
+    ids = torch.load(ids_path)
+    with torch.no_grad():
+        logits = model(ids).logits
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.save({"logits": logits, "generated": generated, "cls": type(model).__module__}, out_path)
+    """
+)
+
+
+def _save(tmp_path: Path, model: NanoChatForCausalLM) -> Path:
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    return folder
+
+
+def _load_elsewhere(tmp_path: Path, source: str, ids: torch.Tensor, env: dict | None = None) -> dict:
+    ids_path, out_path = tmp_path / "ids.pt", tmp_path / "out.pt"
+    torch.save(ids, ids_path)
+    script = tmp_path / "load.py"
+    script.write_text(LOADER)
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        [sys.executable, str(script), source, str(ids_path), str(out_path)],
+        cwd=tmp_path,  # not the repo root, so the source tree is not on sys.path either
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out_path)
+
+
+def test_save_pretrained_writes_auto_map_and_code(tmp_path, tiny_model_factory):
+    folder = _save(tmp_path, tiny_model_factory("2026"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "nanochat_hf"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_nanochat.NanoChatConfig",
+        "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM",
+    }
+    assert (folder / "configuration_nanochat.py").exists() and (folder / "modeling_nanochat.py").exists()
+    assert (folder / "model.safetensors").exists()
+    # the shipped code imports nothing but torch, transformers and its sibling
+    for name in ("configuration_nanochat.py", "modeling_nanochat.py"):
+        for line in (folder / name).read_text().splitlines():
+            if line.startswith(("import ", "from ")):
+                module = line.split()[1]
+                assert module.split(".")[0] in {"math", "torch", "transformers", "", "configuration_nanochat"}, line
+
+
+def test_from_pretrained_in_process_keeps_weights(tmp_path, tiny_model_factory):
+    model = tiny_model_factory("2026", seed=3)
+    folder = _save(tmp_path, model)
+    loaded = NanoChatForCausalLM.from_pretrained(folder).eval()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_remote_code_from_folder_without_package(tmp_path, tiny_model_factory):
+    model = tiny_model_factory("2026", seed=4)
+    folder = _save(tmp_path, model)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(4))
+    out = _load_elsewhere(tmp_path, str(folder), ids)
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert "nanochat_hf" not in out["cls"]
+    assert (out["logits"] - expected).abs().max() <= 1e-6
+
+
+def test_remote_code_by_repo_id_from_offline_hub_cache(tmp_path, tiny_model_factory):
+    model = tiny_model_factory("2025", seed=5)
+    folder = _save(tmp_path, model)
+    cache = tmp_path / "hf_cache"
+    populate_hub_cache(folder, "someone/nanochat-tiny", cache)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(5))
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home")}
+    out = _load_elsewhere(tmp_path, "someone/nanochat-tiny", ids, env)
+    with torch.no_grad():
+        expected = model(ids).logits
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert (out["logits"] - expected).abs().max() <= 1e-6
+    assert torch.equal(out["generated"], generated)
