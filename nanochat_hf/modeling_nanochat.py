@@ -32,18 +32,19 @@ def rms_norm(x: torch.Tensor, eps: float | None) -> torch.Tensor:
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin of shape (B, 1, T, head_dim/2), computed from positions rather than cached: nothing to initialise,
-    nothing stale after `from_pretrained`, and any position is valid."""
+    """cos/sin of shape (B, 1, T, head_dim), each half repeated, computed from positions rather than cached:
+    nothing to initialise, nothing stale after `from_pretrained`, and any position is valid."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
     inv_freq = 1.0 / (theta**exponent)
     freqs = position_ids[:, None, :, None].float() * inv_freq
+    freqs = torch.cat((freqs, freqs), dim=-1)
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # nanochat rotates the two halves by -theta: y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin.
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    return x * cos + torch.cat((x2, -x1), dim=-1) * sin
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

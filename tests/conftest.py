@@ -2,8 +2,12 @@ import math
 
 import pytest
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
+
+# transformers 5.24 renamed `past_key_values` to `cache` (forward kwarg and output field); the tests run on both.
+CACHE_KW = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def tiny_config(generation: str = "2026", **overrides) -> NanoChatConfig:

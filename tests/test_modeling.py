@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
 
-from .conftest import tiny_config
+from .conftest import CACHE_KW, tiny_config
 from .nanochat_reference import nanochat_forward, reference_config, to_nanochat_state_dict
 
 ATOL = 1e-5
@@ -57,11 +57,11 @@ def test_2025_cached_decoding_matches_builtin(tiny_model_factory):
     with torch.no_grad():
         ours_out = ours(ids[:, :10], use_cache=True)
         twin_out = twin(ids[:, :10], use_cache=True)
-        ours_cache, twin_cache = ours_out.cache, twin_out.cache
+        ours_cache, twin_cache = getattr(ours_out, CACHE_KW), getattr(twin_out, CACHE_KW)
         assert (ours_out.logits - twin_out.logits).abs().max() <= ATOL
         for t in range(10, 40):
-            ours_out = ours(ids[:, t : t + 1], cache=ours_cache, use_cache=True)
-            twin_out = twin(ids[:, t : t + 1], cache=twin_cache, use_cache=True)
+            ours_out = ours(ids[:, t : t + 1], **{CACHE_KW: ours_cache}, use_cache=True)
+            twin_out = twin(ids[:, t : t + 1], **{CACHE_KW: twin_cache}, use_cache=True)
             assert (ours_out.logits - twin_out.logits).abs().max() <= ATOL, f"step {t}"
 
 
@@ -111,9 +111,9 @@ def test_2026_cached_decoding_equals_full_forward_past_the_window(tiny_model_fac
         assert torch.equal(cached, uncached)
         # step-by-step: the last-token logits with the cache equal a full forward at every step
         out = model(cached[:, :6], use_cache=True)
-        cache = out.cache
+        cache = getattr(out, CACHE_KW)
         for t in range(6, cached.shape[1]):
-            out = model(cached[:, t : t + 1], cache=cache, use_cache=True)
+            out = model(cached[:, t : t + 1], **{CACHE_KW: cache}, use_cache=True)
             full = model(cached[:, : t + 1]).logits[:, -1]
             assert (out.logits[:, -1] - full).abs().max() <= ATOL, f"position {t}"
 
@@ -124,7 +124,7 @@ def test_2026_chunked_prefill_equals_full_forward(tiny_model_factory):
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        parts = [model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 13), (13, 30), (30, 45))]
+        parts = [model(ids[:, a:b], **{CACHE_KW: cache}, use_cache=True).logits for a, b in ((0, 13), (13, 30), (30, 45))]
     assert (torch.cat(parts, dim=1) - full).abs().max() <= ATOL
 
 

@@ -1,0 +1,78 @@
+"""`nanochat-hf <command>`: one entry point for every stage of the pipeline."""
+
+import argparse
+import sys
+
+from .tokenizer_cli import add_tokenizer_parser
+
+
+def _init_main(args: argparse.Namespace) -> None:
+    from .init_model import build_model, save_atomically
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    overrides = {}
+    if args.head_dim is not None:
+        overrides["head_dim"] = args.head_dim
+    if args.sequence_len is not None:
+        overrides["max_position_embeddings"] = args.sequence_len
+    if args.window_pattern is not None:
+        overrides["window_pattern"] = args.window_pattern
+    model = build_model(tokenizer, args.depth, args.generation, **overrides)
+    save_atomically(model, tokenizer, args.out)
+    print(f"saved a {model.num_parameters():,}-parameter d{args.depth} ({args.generation}) model to {args.out}")
+
+
+def _speedrun_main(args: argparse.Namespace) -> None:
+    from .speedrun import run_speedrun
+
+    run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanochat-hf",
+        description="nanochat on the Hugging Face stack: tokenizer, model, training, evaluation, chat, Hub.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_tokenizer_parser(sub)
+
+    init = sub.add_parser(
+        "init",
+        help="build a freshly initialised model for a tokenizer (nanochat's depth dial)",
+        description="Build a NanoChat model from its depth alone, sized for TOKENIZER, and save model + tokenizer "
+        "as one save_pretrained folder that AutoModelForCausalLM loads with trust_remote_code=True.",
+    )
+    init.add_argument("--tokenizer", required=True, help="tokenizer folder or Hub repo id")
+    init.add_argument("--depth", type=int, required=True, help="number of layers; sets width, heads and context")
+    init.add_argument("--generation", choices=["2025", "2026"], default="2026", help="architecture generation")
+    init.add_argument("--head-dim", type=int, help="head dimension (default: nanochat's 128)")
+    init.add_argument("--sequence-len", type=int, help="context length (default 2048)")
+    init.add_argument("--window-pattern", help="sliding-window pattern of S/L characters (2026 default SSSL)")
+    init.add_argument("--out", required=True, help="output folder")
+    init.set_defaults(func=_init_main)
+
+    speedrun = sub.add_parser(
+        "speedrun",
+        help="run every stage of a tier end to end into one run folder",
+        description="Chain the pipeline's stages for a tier into RUN_DIR. Finished stages are skipped on a "
+        "re-run. The cpu tier needs no download: it trains on the corpus embedded in Python itself.",
+    )
+    speedrun.add_argument("--tier", choices=["cpu", "d12", "d20", "d26", "d32"], default="cpu", help="model tier")
+    speedrun.add_argument("--run-dir", help="output folder (default runs/<tier>)")
+    speedrun.add_argument("--corpus", help="text/jsonl/parquet file or folder to use instead of the tier's corpus")
+    speedrun.set_defaults(func=_speedrun_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"nanochat-hf {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()
