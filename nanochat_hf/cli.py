@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from .convert_cli import add_convert_parser
 from .tokenizer_cli import add_tokenizer_parser
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_tokenizer_parser(sub)
+    add_convert_parser(sub)
 
     init = sub.add_parser(
         "init",

@@ -16,6 +16,7 @@ GENERATION_PRESETS: dict[str, dict] = {
         "smear": False,
         "backout": False,
         "window_pattern": "L",
+        "long_window": -1,  # full causal attention at any length, as the 2025 model (and transformers') has
         "qk_scale": 1.0,
         "rope_theta": 10_000.0,
     },
@@ -26,6 +27,7 @@ GENERATION_PRESETS: dict[str, dict] = {
         "smear": True,
         "backout": True,
         "window_pattern": "SSSL",
+        "long_window": None,  # nanochat HEAD: "L" is the sequence length, so past it every layer is windowed
         "qk_scale": 1.2,
         "rope_theta": 100_000.0,
     },
@@ -78,7 +80,8 @@ class NanoChatConfig(PreTrainedConfig):
             before the final norm.
         window_pattern (`str`): "S"/"L" per layer, tiled over the depth; the last layer is always "L".
         short_window / long_window (`int`): left context (in tokens, the current token excluded) of the "S" and
-            "L" layers. Defaults: nanochat's `ceil(seq/4/128)*128` and the sequence length.
+            "L" layers; -1 means unlimited. Defaults: nanochat's `ceil(seq/4/128)*128`, and for "L" the sequence
+            length (2026) or unlimited (2025).
         qk_scale (`float`): q and k are multiplied by this after QK-norm.
         rms_norm_eps (`float`, *optional*): `None` uses the dtype's machine epsilon, as nanochat's
             `F.rms_norm(x, eps=None)` does.
@@ -165,8 +168,8 @@ class NanoChatConfig(PreTrainedConfig):
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             _fail("window_pattern", self.window_pattern, "a non-empty string of 'S' (short) and 'L' (long)")
         for name in ("short_window", "long_window"):
-            if getattr(self, name) < 1:
-                _fail(name, getattr(self, name), positive)
+            if getattr(self, name) < 1 and getattr(self, name) != -1:
+                _fail(name, getattr(self, name), f"{positive}, or -1 for unlimited")
         if self.final_logit_softcapping is not None and self.final_logit_softcapping <= 0:
             _fail("final_logit_softcapping", self.final_logit_softcapping, "a positive float, or None to disable")
         if self.rms_norm_eps is not None and self.rms_norm_eps < 0:
@@ -195,7 +198,8 @@ class NanoChatConfig(PreTrainedConfig):
 
     @property
     def layer_windows(self) -> list[int]:
-        """Left context of every layer, in tokens (nanochat's FA3 `window_size[0]`); the last layer is long."""
+        """Left context of every layer, in tokens (nanochat's FA3 `window_size[0]`, -1 = unlimited); the last
+        layer is long."""
         pattern = self.window_pattern.upper()
         chars = [pattern[i % len(pattern)] for i in range(self.num_hidden_layers)]
         chars[-1] = "L"

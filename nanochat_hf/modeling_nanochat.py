@@ -64,7 +64,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 def attention_mask_for_window(
     window: int, query_len: int, past_len: int, padding_mask: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
-    """Boolean (B|1, 1, Tq, Tk) mask: causal, at most `window` keys to the left, padded keys removed.
+    """Boolean (B|1, 1, Tq, Tk) mask: causal, at most `window` keys to the left (-1: any), padded keys removed.
 
     Query rows with no key left (left padding) are opened to every key so SDPA returns finite values; their
     outputs are padding and nothing attends to them.
@@ -72,7 +72,9 @@ def attention_mask_for_window(
     key_len = past_len + query_len
     q_pos = torch.arange(past_len, key_len, device=device)[:, None]
     k_pos = torch.arange(key_len, device=device)[None, :]
-    mask = (k_pos <= q_pos) & (q_pos - k_pos <= window)
+    mask = k_pos <= q_pos
+    if window >= 0:
+        mask = mask & (q_pos - k_pos <= window)
     mask = mask[None, None]
     if padding_mask is not None:
         mask = mask & padding_mask[:, None, None, :key_len].bool()
@@ -317,7 +319,7 @@ class NanoChatModel(NanoChatPreTrainedModel):
             attention_mask = None
         masks = {}
         for window in set(config.layer_windows):
-            if plain_causal and window >= T - 1:
+            if plain_causal and (window < 0 or window >= T - 1):
                 masks[window] = None
             else:
                 masks[window] = attention_mask_for_window(window, T, past_len, attention_mask, x.device)
@@ -429,7 +431,7 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         config = self.config
         seq = sequence_length or config.max_position_embeddings
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        attended = sum(min(window, seq) for window in config.layer_windows)
+        attended = sum(seq if window < 0 else min(window, seq) for window in config.layer_windows)
         return 6 * matmul_params + 12 * config.num_attention_heads * config.head_dim * attended
 
 

@@ -65,7 +65,9 @@ def nanochat_forward(sd: dict, cfg: dict, idx: torch.Tensor) -> torch.Tensor:
             v = v + gate.unsqueeze(-1) * ve
         q, k = _norm(_rope(q, cfg["rope_base"])), _norm(_rope(k, cfg["rope_base"]))
         q, k = q * cfg["qk_scale"], k * cfg["qk_scale"]
-        mask = (cols <= rows) & (rows - cols <= windows[i])
+        mask = cols <= rows
+        if windows[i] >= 0:  # FA3 convention: -1 is an unlimited window
+            mask = mask & (rows - cols <= windows[i])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

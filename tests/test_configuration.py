@@ -34,12 +34,12 @@ def test_cpu_dial_with_head_dim_64():
 def test_generation_presets_fill_every_feature():
     old, new = NanoChatConfig(generation="2025"), NanoChatConfig(generation="2026")
     for name in GENERATION_PRESETS["2025"]:
-        if name != "rope_theta":
+        if name not in ("rope_theta", "long_window"):
             assert getattr(old, name) == GENERATION_PRESETS["2025"][name]
             assert getattr(new, name) == GENERATION_PRESETS["2026"][name]
     assert old.rope_parameters["rope_theta"] == 10_000 and new.rope_parameters["rope_theta"] == 100_000
     assert new.short_window == 512 and new.long_window == 2048
-    assert old.layer_windows == [2048] * 12
+    assert old.layer_windows == [-1] * 12 and old.long_window == -1  # 2025: full causal attention at any length
 
 
 def test_2026_windows_and_value_embed_layers():

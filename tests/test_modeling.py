@@ -192,7 +192,7 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_model_factory):
     for checkpointing in (False, True):
         model = tiny_model_factory("2026", seed=11).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(11))
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))

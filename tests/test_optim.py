@@ -1,0 +1,261 @@
+"""MuonAdamW against torch's own optimizers, its state round trip, its schedules, and DDP (2 gloo processes)."""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanochat_hf.optim import (
+    FSDP_ERROR,
+    MuonAdamW,
+    NanoChatSchedule,
+    lr_multiplier,
+    muon_momentum,
+    nanochat_param_groups,
+    orthogonalize,
+    weight_decay_multiplier,
+)
+
+from .conftest import tiny_config
+
+
+def _matrices(seed: int, shapes) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+
+
+def _set_grads(params, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
+def test_classic_configuration_equals_torch_muon(shape):
+    ours_params = _matrices(0, [shape, shape, shape])
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = MuonAdamW(
+        [dict(kind="muon", params=ours_params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, beta2=None,
+              weight_decay=0.1)],
+        orthogonalizer="newton_schulz", row_equilibration=False, renormalize=False, cautious_weight_decay=False,
+    )
+    ref = torch.optim.Muon(ref_params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1,
+                           adjust_lr_fn="original")
+    for step in range(3):
+        _set_grads(ours_params, step)
+        _set_grads(ref_params, step)
+        ours.step()
+        ref.step()
+        for a, b in zip(ours_params, ref_params, strict=True):
+            assert (a - b).abs().max().item() <= 1e-6, f"step {step}"
+
+
+def test_adamw_groups_equal_torch_adamw():
+    ours_params = _matrices(1, [(10, 7), (5,)])
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = MuonAdamW([dict(kind="adamw", params=ours_params, lr=3e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.05)])
+    ref = torch.optim.AdamW(ref_params, lr=3e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.05)
+    for step in range(5):
+        _set_grads(ours_params, 10 + step)
+        _set_grads(ref_params, 10 + step)
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_params, ref_params, strict=True):
+        assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_polar_express_orthogonalizes():
+    g = torch.randn(3, 64, 160, generator=torch.Generator().manual_seed(2))
+    u = orthogonalize(g, 5, "polar_express", torch.float32)
+    s = torch.linalg.svdvals(u)
+    assert s.max() < 1.3 and s.min() > 0.5  # close to a semi-orthogonal matrix, as nanochat's test expects
+    tall = orthogonalize(g.mT, 5, "polar_express", torch.float32)
+    assert torch.allclose(tall, u.mT, atol=1e-5)
+
+
+def test_cautious_weight_decay_only_where_signs_agree():
+    (p,) = _matrices(3, [(16, 16)])
+    start = p.detach().clone()
+    opt = MuonAdamW([dict(kind="muon", params=[p], lr=0.0, weight_decay=0.5, beta2=None)])
+    _set_grads([p], 4)
+    opt.step()
+    assert torch.equal(p.detach(), start)  # lr 0: nothing moves, decay included
+    # with a real lr the decay term only shrinks weights whose update has the same sign
+    opt.param_groups[0]["lr"] = 0.01
+    _set_grads([p], 5)
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p.detach(), before)
+
+
+def test_nanochat_groups_cover_every_parameter_with_scaled_lrs():
+    from nanochat_hf import NanoChatForCausalLM
+
+    model = NanoChatForCausalLM(tiny_config("2026"))  # hidden 64
+    groups = nanochat_param_groups(model, batch_lr_scale=2.0)
+    by_name = {g["name"]: g for g in groups}
+    scale = (64 / 768) ** -0.5
+    assert math.isclose(by_name["lm_head"]["lr"], 0.008 * scale * 2.0)
+    assert math.isclose(by_name["wte"]["lr"], 0.3 * scale * 2.0)
+    assert math.isclose(by_name["value_embeds"]["lr"], 0.3 * scale * 0.5 * 2.0)
+    assert math.isclose(by_name["smear"]["lr"], 0.2)  # the smear group is not batch-scaled
+    muon = [g for g in groups if g["kind"] == "muon"]
+    assert all(len({tuple(p.shape) for p in g["params"]}) == 1 for g in muon)
+    ve_gate = model.model.layers[1].self_attn.ve_gate.weight
+    assert any(ve_gate is p for g in muon for p in g["params"])  # ve_gate matrices are Muon's, as in nanochat
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len(list(model.parameters()))
+    MuonAdamW(groups)  # constructs
+
+
+def _train(model, groups_kwargs: dict, steps: int, seed: int = 0):
+    opt = MuonAdamW(nanochat_param_groups(model, **groups_kwargs))
+    sched = NanoChatSchedule(opt, total_steps=steps, warmup_steps=2)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 300, (2, 16), generator=gen)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return opt, sched
+
+
+def test_state_dict_round_trip_resumes_exactly(tiny_model_factory):
+    straight = tiny_model_factory("2026", seed=1).train()
+    opt, sched = _train(straight, {}, steps=3)
+    snapshot = (copy.deepcopy(straight.state_dict()), copy.deepcopy(opt.state_dict()),
+                copy.deepcopy(sched.state_dict()))
+    gen = torch.Generator().manual_seed(99)
+    batches = [torch.randint(0, 300, (2, 16), generator=gen) for _ in range(3)]
+    for ids in batches:
+        straight(ids, labels=ids).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    resumed = tiny_model_factory("2026", seed=7).train()
+    resumed.load_state_dict(snapshot[0])
+    opt2 = MuonAdamW(nanochat_param_groups(resumed))
+    opt2.load_state_dict(snapshot[1])
+    sched2 = NanoChatSchedule(opt2, total_steps=3, warmup_steps=2)
+    sched2.load_state_dict(snapshot[2])
+    for ids in batches:
+        resumed(ids, labels=ids).loss.backward()
+        opt2.step()
+        sched2.step()
+        opt2.zero_grad(set_to_none=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_step_accepts_a_closure():
+    (p,) = _matrices(6, [(8, 8)])
+    opt = MuonAdamW([dict(kind="muon", params=[p], lr=0.01)])
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and loss.item() > 0
+
+
+def test_bad_groups_are_rejected():
+    a, b = _matrices(7, [(4, 4), (4, 8)])
+    with pytest.raises(ValueError, match="one shape"):
+        MuonAdamW([dict(kind="muon", params=[a, b], lr=0.1)])
+    with pytest.raises(ValueError, match="unknown group kind"):
+        MuonAdamW([dict(kind="sgd", params=[a], lr=0.1)])
+
+
+def test_schedules():
+    total = 1000
+    assert lr_multiplier(0, total) == 1 / 40 and lr_multiplier(39, total) == 1.0
+    assert lr_multiplier(350, total) == 1.0  # constant until the last 65%
+    assert math.isclose(lr_multiplier(total, total), 0.05)
+    assert lr_multiplier(700, total) < lr_multiplier(500, total) < 1.0
+    assert muon_momentum(0, total) == 0.85 and math.isclose(muon_momentum(400, 10_000), 0.97)
+    assert math.isclose(muon_momentum(total, total), 0.90)
+    assert weight_decay_multiplier(0, total) == 1.0 and weight_decay_multiplier(total, total) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, steps: int) -> None:
+    from nanochat_hf import NanoChatForCausalLM
+
+    from .conftest import randomize
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    # float64: AdamW divides by sqrt(v), which turns fp32 rounding of near-zero gradient entries (summed in a
+    # different order by DDP) into visible differences; in fp64 any real divergence still shows.
+    model = randomize(NanoChatForCausalLM(tiny_config("2026")), seed=0).double().train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = MuonAdamW(nanochat_param_groups(model))
+    sched = NanoChatSchedule(opt, total_steps=steps, warmup_steps=2)
+    gen = torch.Generator().manual_seed(123)
+    for _ in range(steps):
+        ids = torch.randint(0, 300, (4, 16), generator=gen)
+        shard = ids[rank * 4 // world : (rank + 1) * 4 // world]
+        ddp(shard, labels=shard).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    if rank == 0:
+        torch.save({"params": model.state_dict(), "optim": opt.state_dict()}, out_file)
+    dist.destroy_process_group()
+
+
+def _run_ddp(tmp_path, world: int, steps: int) -> dict:
+    out = tmp_path / f"world{world}.pt"
+    init = tmp_path / f"init{world}"
+    mp.start_processes(_ddp_worker, args=(world, str(init), str(out), steps), nprocs=world, join=True,
+                       start_method="spawn")
+    return torch.load(out)
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    one = _run_ddp(tmp_path, 1, steps=4)
+    two = _run_ddp(tmp_path, 2, steps=4)
+    for name, a in one["params"].items():
+        assert (a - two["params"][name]).abs().max().item() <= 1e-6, name
+    # every rank keeps the full state: rank 0's checkpoint has momentum for every Muon stack
+    muon_states = [s for s in two["optim"]["state"].values() if "momentum_buffer" in s]
+    groups = [g for g in two["optim"]["param_groups"] if g["kind"] == "muon"]
+    assert len(muon_states) == len(groups)
+
+
+def _fsdp_worker(rank: int, init_file: str, result_file: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    weight = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [Shard(0)]))
+    try:
+        MuonAdamW([dict(kind="muon", params=[weight], lr=0.02)])
+        message = "no error"
+    except RuntimeError as err:
+        message = str(err)
+    with open(result_file, "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+def test_fsdp_sharded_matrices_are_refused_with_a_fix(tmp_path):
+    result = tmp_path / "result.txt"
+    mp.start_processes(_fsdp_worker, args=(str(tmp_path / "init"), str(result)), nprocs=1, join=True,
+                       start_method="spawn")
+    assert result.read_text() == FSDP_ERROR
+    assert "ddp_8gpu.yaml" in FSDP_ERROR
