@@ -40,14 +40,13 @@ def _count(docs: Iterable[str], totals: dict[str, int]) -> Iterator[str]:
 
 
 def _print_stats(names: list[str], stats: list[dict[str, dict]]) -> None:
-    kinds = list(stats[0])
-    header = f"{'text':<12}{'bytes':>10}" + "".join(f"{name[-22:]:>24}" for name in names)
+    """One row per text kind: its size, then tokens and bytes per token for each tokenizer."""
+    header = f"{'text':<12}{'bytes':>10}" + "".join(f"{name[-22:]:>26}" for name in names)
     print(header)
     print("-" * len(header))
-    for kind in kinds:
+    for kind in stats[0]:
         row = f"{kind[:12]:<12}{stats[0][kind]['bytes']:>10,}"
-        for s in stats:
-            row += f"{s[kind]['tokens']:>12,} {s[kind]['bytes_per_token']:>5.2f} b/t "
+        row += "".join(f"{s[kind]['tokens']:>14,}{s[kind]['bytes_per_token']:>8.2f} b/t" for s in stats)
         print(row)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import unicodedata
 
@@ -113,6 +114,20 @@ def token_bytes_in_id_order(tokenizer) -> list[bytes]:
     return [to_bytes(inverse[i]) for i in range(len(inverse))]
 
 
+def learned_tokens(tokenizer) -> list[bytes]:
+    """The tokens in id order, after checking that tokenizer.json's merges, in order, build exactly tokens 256..:
+    merge i joins two earlier tokens into token 256 + i."""
+    tokens = token_bytes_in_id_order(tokenizer)
+    assert tokens[:256] == [bytes([b]) for b in range(256)]
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    ids = {t: i for i, t in enumerate(tokens)}
+    for i, (a, b) in enumerate(merges):
+        left, right = to_bytes(a), to_bytes(b)
+        assert left + right == tokens[256 + i] and max(ids[left], ids[right]) < 256 + i
+    assert len(merges) == len(tokens) - 256
+    return tokens
+
+
 @pytest.fixture(scope="module")
 def tok():
     """A 2048-token tokenizer trained on ~600K characters of the embedded corpus plus varied Unicode."""
@@ -138,13 +153,13 @@ def test_parity_with_rustbpe_on_ties():
     vocab_size = 256 + len(SPECIAL_TOKENS) + 60
     expected = rustbpe_tokens(docs, vocab_size)
     assert len(expected) == vocab_size - len(SPECIAL_TOKENS)
-    assert token_bytes_in_id_order(train_tokenizer(docs, vocab_size, show_progress=False)) == expected
+    assert learned_tokens(train_tokenizer(docs, vocab_size, show_progress=False)) == expected
 
 
 def test_parity_with_rustbpe_on_embedded_corpus():
     docs = list(embedded_corpus(max_chars=1_500_000))
     tokenizer = train_tokenizer(docs, 2048, show_progress=False)
-    assert token_bytes_in_id_order(tokenizer) == rustbpe_tokens(docs, 2048)
+    assert learned_tokens(tokenizer) == rustbpe_tokens(docs, 2048)
     assert tokenizer.convert_ids_to_tokens(list(range(2048 - 9, 2048))) == list(SPECIAL_TOKENS)
 
 
@@ -154,7 +169,7 @@ def test_parity_with_rustbpe_and_tiktoken_on_varied_unicode():
     docs = nanochat_like_corpus(seed=2)
     expected = rustbpe_tokens(docs, 2048)
     tokenizer = train_tokenizer(docs, 2048, show_progress=False)
-    assert token_bytes_in_id_order(tokenizer) == expected
+    assert learned_tokens(tokenizer) == expected
     tiktoken = pytest.importorskip("tiktoken")
     ranks = {token: i for i, token in enumerate(expected)}
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -168,7 +183,7 @@ def test_parity_with_rustbpe_at_32k():
     docs = list(embedded_corpus()) + nanochat_like_corpus(seed=3, n_docs=5000)
     expected = rustbpe_tokens(docs, 32768)
     assert len(expected) == 32768 - len(SPECIAL_TOKENS)
-    assert token_bytes_in_id_order(train_tokenizer(docs, 32768, show_progress=False)) == expected
+    assert learned_tokens(train_tokenizer(docs, 32768, show_progress=False)) == expected
 
 
 def test_doc_cap_and_max_chars_follow_nanochat():
@@ -202,13 +217,14 @@ def test_training_rejects_bad_input():
         train_tokenizer(["x"], 264, show_progress=False)
     with pytest.raises(TypeError, match="must be str"):
         train_tokenizer([b"bytes"], 300, show_progress=False)
+    with pytest.raises(TypeError, match="not a single string"):
+        train_tokenizer("one long document", 300, show_progress=False)
 
 
 def test_training_keeps_tokenizers_parallelism_setting(monkeypatch):
+    """Training switches TOKENIZERS_PARALLELISM off for its merge loop only, and leaves the variable as it found it."""
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     train_tokenizer(["hello world"] * 3, 270, show_progress=False)
-    import os
-
     assert "TOKENIZERS_PARALLELISM" not in os.environ
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     train_tokenizer(["hello world"] * 3, 270, show_progress=False)
