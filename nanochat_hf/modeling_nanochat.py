@@ -32,19 +32,20 @@ def rms_norm(x: torch.Tensor, eps: float | None) -> torch.Tensor:
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin of shape (B, 1, T, head_dim), each half repeated, computed from positions rather than cached:
-    nothing to initialise, nothing stale after `from_pretrained`, and any position is valid."""
+    """cos and a signed sin, (B|1, 1, T, head_dim), computed from positions rather than cached: nothing to
+    initialise, nothing stale after `from_pretrained`, and any position is valid."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
     inv_freq = 1.0 / (theta**exponent)
     freqs = position_ids[:, None, :, None].float() * inv_freq
-    freqs = torch.cat((freqs, freqs), dim=-1)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    # nanochat rotates the halves by -theta: y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin. Putting the sign on the
+    # small sin table keeps a negation off the activations.
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, -sin), dim=-1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # nanochat rotates the two halves by -theta: y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin.
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((x2, -x1), dim=-1) * sin
+    return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -306,7 +307,7 @@ class NanoChatModel(NanoChatPreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + T, device=x.device)[None].expand(B, -1)
+            position_ids = torch.arange(past_len, past_len + T, device=x.device)[None]
         x = rms_norm(x, config.rms_norm_eps)
         if self.smear_gate is not None:
             x = self._smear(x, cache, past_len, attention_mask)

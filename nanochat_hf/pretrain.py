@@ -1,0 +1,356 @@
+"""Pretraining (and midtraining) on the transformers Trainer with nanochat's recipe.
+
+    nanochat-hf pretrain --config recipes/d20/pretrain.yaml [--depth 12 --device_batch_size 16 ...]
+    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.pretrain --config ...
+
+The Trainer adds nothing nanochat does not do: no gradient clipping (nor the grad-norm it would compute), no
+weight-decay groups of its own, no data skipping on resume (the stream restores its own state).
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate.utils import DistributedType
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
+
+from .data.pretrain import PretrainStream, evaluate_bpb
+from .init_model import build_model
+from .modeling_nanochat import NanoChatForCausalLM
+from .optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups
+from .tokenizer import load_tokenizer, token_bytes
+from .training_plan import TrainingPlan, plan_training
+
+# Peak dense bf16 FLOP/s per GPU, as nanochat's table; a GPU not listed reports no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+DATA_STATE = "data_state_rank{rank}.pt"
+
+
+@dataclass
+class PretrainArguments:
+    """A pretraining run. Every field can be set in the recipe YAML and overridden on the command line."""
+
+    output_dir: str = field(default="runs/pretrain", metadata={"help": "checkpoints and the final model"})
+    tokenizer: str = field(default="runs/cpu/tokenizer", metadata={"help": "tokenizer folder or Hub repo id"})
+    dataset: str = field(default="karpathy/climbmix-400b-shuffle",
+                         metadata={"help": "Hub dataset id or local folder/file of parquet, jsonl or txt"})
+    text_column: str = field(default="text", metadata={"help": "column holding the documents"})
+    init_from: str | None = field(default=None, metadata={"help": "start from this model folder (midtraining)"})
+    depth: int = field(default=20, metadata={"help": "number of layers: the one dial that sizes the model"})
+    generation: str = field(default="2026", metadata={"help": "architecture generation, 2025 or 2026"})
+    head_dim: int | None = field(default=None, metadata={"help": "head dimension (default 128)"})
+    max_seq_len: int = field(default=2048, metadata={"help": "context length T"})
+    window_pattern: str | None = field(default=None, metadata={"help": "S/L window pattern (2026 default SSSL)"})
+    device_batch_size: int = field(default=32, metadata={"help": "sequences per GPU per micro-step"})
+    total_batch_size: int = field(default=-1, metadata={"help": "tokens per optimizer step; -1 derives it"})
+    target_param_data_ratio: float = field(default=12.0, metadata={"help": "tokens : scaling-params ratio"})
+    num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 derives them from the ratio"})
+    embedding_lr: float = field(default=0.3, metadata={"help": "AdamW LR of the token embedding"})
+    unembedding_lr: float = field(default=0.008, metadata={"help": "AdamW LR of lm_head"})
+    matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the block matrices"})
+    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW LR of the resid/x0 lambdas"})
+    weight_decay: float = field(default=0.28, metadata={"help": "Muon weight decay at the d12 reference"})
+    warmup_steps: int = field(default=40, metadata={"help": "linear LR warmup steps"})
+    warmdown_ratio: float = field(default=0.65, metadata={"help": "fraction of the run spent in LR warmdown"})
+    final_lr_frac: float = field(default=0.05, metadata={"help": "LR multiplier at the end of the warmdown"})
+    eval_every: int = field(default=250, metadata={"help": "steps between val bits-per-byte evaluations; -1 off"})
+    eval_tokens: int = field(default=80 * 524288, metadata={"help": "validation tokens per evaluation"})
+    save_every: int = field(default=-1, metadata={"help": "steps between checkpoints; -1: only at the end"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    log_every: int = field(default=1, metadata={"help": "steps between log lines"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers that tokenize"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
+    seed: int = field(default=42, metadata={"help": "random seed"})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard or trackio"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (the accelerate config may also set it)"})
+
+
+class NanoChatOptimizerFactory:
+    """`Trainer(optimizer_cls_and_kwargs=(NanoChatOptimizerFactory, kwargs))`: the Trainer calls it with the model."""
+
+    def __call__(self, model: NanoChatForCausalLM, **kwargs) -> MuonAdamW:
+        return MuonAdamW(nanochat_param_groups(model, **kwargs))
+
+
+class PretrainTrainer(Trainer):
+    def __init__(self, *args, stream: PretrainStream, val_stream_fn, plan: TrainingPlan, run: PretrainArguments,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stream = stream
+        self.val_stream_fn = val_stream_fn
+        self.plan = plan
+        self.run = run
+        self.token_bytes = None
+        self.throughput = Throughput(plan.total_batch_size, self.model.estimate_flops_per_token(), self.args.world_size)
+
+    # --- optimization: nanochat's own -------------------------------------------------------------------------
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = NanoChatSchedule(
+                optimizer or self.optimizer, total_steps=num_training_steps, warmup_steps=self.run.warmup_steps,
+                warmdown_ratio=self.run.warmdown_ratio, final_lr_frac=self.run.final_lr_frac,
+            )
+        return self.lr_scheduler
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # nanochat neither clips nor measures the gradient norm (it costs ~2% MFU); only report one if clipping.
+        return grad_norm if self.args.max_grad_norm > 0 else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], labels=inputs["labels"], shift_labels=inputs["shift_labels"],
+                        num_items_in_batch=num_items_in_batch)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs = {**logs, **self.throughput.measure(self.state.global_step)}
+        super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.throughput.last is None:  # start the clock at the first step (resumed runs included)
+            self.throughput.last = (self.state.global_step, time.perf_counter())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_loss = getattr(self, "_step_loss", 0.0) + loss.item()
+        return loss
+
+    # --- data: our stream, already sharded per rank, restored from its own state -------------------------------
+    def get_train_dataloader(self):
+        # The stream's labels are already aligned with input_ids (row[1:]). Under the name `shift_labels` the
+        # loss uses them as they are, and the Trainer counts the tokens of a step without dropping one per row.
+        return ({**batch, "shift_labels": batch["labels"]} for batch in self.stream)
+
+    # --- evaluation: validation bits per byte ------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.token_bytes is None:
+            self.token_bytes = token_bytes(self.processing_class).to(self.args.device)
+        self.model.eval()
+        bpb = evaluate_bpb(self.model, self.val_stream_fn(), self.token_bytes)
+        self.model.train()
+        metrics = {f"{metric_key_prefix}_bpb": bpb}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # --- checkpoints: atomic, with the data state -------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        return getattr(self, "_staging_dir", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        name = f"checkpoint-{self.state.global_step}"
+        final = Path(self.args.output_dir) / name
+        staging = Path(self.args.output_dir) / ".staging"
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        torch.save(self.stream.state_dict(), staging / name / DATA_STATE.format(rank=self.args.process_index))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            staging.rmdir()
+            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=None, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+class BitsPerByteSchedule(TrainerCallback):
+    """Evaluates val bits-per-byte every `every` steps and at the end, as nanochat does."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every > 0 and (state.global_step % self.every == 0 or state.global_step == state.max_steps):
+            control.should_evaluate = True
+
+
+class LossLog(TrainerCallback):
+    """Appends every optimizer step's exact training loss to `<output_dir>/losses.jsonl` (the Trainer's own log
+    rounds to 4 digits): the curve the report plots, and what a resumed run is compared with."""
+
+    def __init__(self, trainer: "PretrainTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        loss = getattr(self.trainer, "_step_loss", None)
+        self.trainer._step_loss = 0.0
+        if loss is not None and args.should_save:
+            with open(Path(args.output_dir) / "losses.jsonl", "a") as f:
+                f.write(json.dumps({"step": state.global_step, "loss": loss}) + "\n")
+
+
+class Throughput:
+    """tokens/s and MFU (nanochat's FLOPs per token over the GPU's peak) between two log lines."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, world_size: int):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak = None
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            self.peak = next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), None)
+        self.last: tuple[int, float] | None = None
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        last, self.last = self.last, (step, now)
+        if last is None or step <= last[0]:
+            return {}
+        tokens_per_s = (step - last[0]) * self.tokens_per_step / (now - last[1])
+        metrics = {"tokens_per_s": round(tokens_per_s, 1)}
+        if self.peak is not None:
+            metrics["mfu"] = round(100 * tokens_per_s * self.flops_per_token / (self.peak * self.world_size), 2)
+        return metrics
+
+
+def parse_args(argv: list[str] | None = None) -> PretrainArguments:
+    """`--config recipe.yaml` first, then any `--field value` override from the command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe_args: list[str] = []
+    if "--config" in argv:
+        i = argv.index("--config")
+        path = argv[i + 1]
+        del argv[i : i + 2]
+        recipe = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = sorted(set(recipe) - {f for f in PretrainArguments.__dataclass_fields__})
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; see `nanochat-hf pretrain --help` for the fields")
+        for key, value in recipe.items():
+            if value is None:
+                continue
+            recipe_args += [f"--{key}", str(value)]
+    (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses(args=recipe_args + argv)
+    return args
+
+
+def _truncate_loss_log(path: Path, step: int) -> None:
+    """Drop the steps after the checkpoint a run resumes from: they are trained again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def latest_checkpoint(output_dir: str) -> Path | None:
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def build_pretrain_model(run: PretrainArguments, tokenizer) -> NanoChatForCausalLM:
+    """The model a run starts from; a fresh one is initialised from `run.seed` alone."""
+    if run.init_from:
+        return NanoChatForCausalLM.from_pretrained(run.init_from)
+    overrides = {"max_position_embeddings": run.max_seq_len}
+    if run.head_dim is not None:
+        overrides["head_dim"] = run.head_dim
+    if run.window_pattern is not None:
+        overrides["window_pattern"] = run.window_pattern
+    torch.manual_seed(run.seed)
+    return build_model(tokenizer, run.depth, run.generation, **overrides)
+
+
+def check_parallelism(distributed_type: DistributedType) -> None:
+    """Refuse, at start-up, a launch configuration Muon cannot train under."""
+    # `accelerate launch` with an FSDP config announces itself through ACCELERATE_USE_FSDP
+    if distributed_type == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ValueError(FSDP_ERROR)
+
+
+def train(run: PretrainArguments) -> Path:
+    """Run (or resume) pretraining; returns the folder of the final model."""
+    training_args = TrainingArguments(
+        output_dir=run.output_dir,
+        per_device_train_batch_size=run.device_batch_size,
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        logging_steps=run.log_every,
+        eval_strategy="no",  # our evaluation is val bits-per-byte on a stream, scheduled by BitsPerByteSchedule
+        save_strategy="steps",
+        save_total_limit=run.keep_last,
+        ignore_data_skip=True,
+        report_to=[] if run.report_to == "none" else [run.report_to],
+        seed=run.seed,
+        bf16=run.bf16,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        save_steps=1,  # replaced below once the plan is known
+        max_steps=1,
+        # Without CUDA, processes launched together (accelerate's cpu_2proc config) form a gloo DDP group.
+        use_cpu=not torch.cuda.is_available(),
+    )
+    check_parallelism(training_args.distributed_state.distributed_type)
+    world, rank = training_args.world_size, training_args.process_index
+    tokenizer = load_tokenizer(run.tokenizer)
+    model = build_pretrain_model(run, tokenizer)
+    plan = plan_training(
+        model.config, device_batch_size=run.device_batch_size, world_size=world,
+        target_param_data_ratio=run.target_param_data_ratio, total_batch_size=run.total_batch_size,
+        num_iterations=run.num_iterations, weight_decay=run.weight_decay,
+    )
+    training_args.gradient_accumulation_steps = plan.gradient_accumulation_steps
+    training_args.max_steps = plan.num_iterations
+    training_args.save_steps = run.save_every if run.save_every > 0 else plan.num_iterations
+    seq = model.config.max_position_embeddings
+    stream = PretrainStream(run.dataset, tokenizer, seq_len=seq, batch_size=run.device_batch_size, split="train",
+                            rank=rank, world_size=world, num_workers=run.num_workers, text_column=run.text_column)
+    eval_batches = max(1, run.eval_tokens // (run.device_batch_size * seq * world))
+
+    def val_stream():
+        # a fresh stream per evaluation, so every evaluation sees the same tokens
+        return PretrainStream(run.dataset, tokenizer, seq_len=seq, batch_size=run.device_batch_size, split="val",
+                              rank=rank, world_size=world, num_workers=0, text_column=run.text_column,
+                              max_batches=eval_batches)
+
+    resume_from = latest_checkpoint(run.output_dir) if run.resume else None
+    if resume_from is not None:
+        stream.load_state_dict(torch.load(resume_from / DATA_STATE.format(rank=rank), weights_only=False))
+    optimizer_kwargs = dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr,
+                            matrix_lr=run.matrix_lr, scalar_lr=run.scalar_lr, weight_decay=plan.weight_decay,
+                            batch_lr_scale=plan.batch_lr_scale)
+    trainer = PretrainTrainer(
+        model=model,
+        args=training_args,
+        processing_class=tokenizer,
+        optimizer_cls_and_kwargs=(NanoChatOptimizerFactory, optimizer_kwargs),
+        callbacks=[
+            BitsPerByteSchedule(run.eval_every),
+        ],
+        stream=stream,
+        val_stream_fn=val_stream,
+        plan=plan,
+        run=run,
+    )
+    trainer.add_callback(LossLog(trainer))
+    if resume_from is not None and trainer.args.should_save:
+        _truncate_loss_log(Path(run.output_dir) / "losses.jsonl", int(resume_from.name.split("-")[1]))
+    if rank == 0:
+        print(f"[pretrain] {model.num_parameters():,} parameters; plan {json.dumps(asdict(plan))}", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    final = Path(run.output_dir) / "final"
+    if trainer.args.should_save:
+        trainer.save_model(str(final) + ".tmp")
+        tokenizer.save_pretrained(str(final) + ".tmp")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(str(final) + ".tmp", final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
+
