@@ -27,7 +27,8 @@ def _init_main(args: argparse.Namespace) -> None:
 def _speedrun_main(args: argparse.Namespace) -> None:
     from .speedrun import run_speedrun
 
-    run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus)
+    run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus,
+                 pretrain_steps=args.pretrain_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,11 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     speedrun.add_argument("--tier", choices=["cpu", "d12", "d20", "d26", "d32"], default="cpu", help="model tier")
     speedrun.add_argument("--run-dir", help="output folder (default runs/<tier>)")
     speedrun.add_argument("--corpus", help="text/jsonl/parquet file or folder to use instead of the tier's corpus")
+    speedrun.add_argument("--pretrain-steps", type=int, help="shorten pretraining to this many steps (smoke run)")
     speedrun.set_defaults(func=_speedrun_main)
+
+    pretrain = sub.add_parser(
+        "pretrain",
+        add_help=False,
+        help="pretrain (or midtrain) a model on the Trainer with Muon: --config recipes/<tier>/pretrain.yaml",
+        description="Pretraining with nanochat's recipe on the transformers Trainer. Every recipe field can be "
+        "overridden (--depth 12 --device_batch_size 16 ...); `nanochat-hf pretrain --help` lists them. Also runs "
+        "as `accelerate launch --config_file accelerate_configs/<x>.yaml -m nanochat_hf.pretrain --config ...`.",
+    )
+    pretrain.add_argument("args", nargs=argparse.REMAINDER, help="--config RECIPE and --field value overrides")
+
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pretrain"]:  # its own parser (the recipe's fields), --help included
+        from .pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

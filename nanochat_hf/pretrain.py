@@ -230,7 +230,10 @@ def parse_args(argv: list[str] | None = None) -> PretrainArguments:
             if value is None:
                 continue
             recipe_args += [f"--{key}", str(value)]
-    (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses(args=recipe_args + argv)
+    parser = HfArgumentParser(PretrainArguments, prog="nanochat-hf pretrain",
+                              description="Pretrain with nanochat's recipe. --config RECIPE.yaml sets the fields "
+                              "below; command-line flags override it.")
+    (args,) = parser.parse_args_into_dataclasses(args=recipe_args + argv)
     return args
 
 

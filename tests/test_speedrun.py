@@ -15,47 +15,62 @@ from nanochat_hf.speedrun import TIERS, run_speedrun
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "nanochat_hf", *args], capture_output=True, text=True, timeout=900, cwd=cwd,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        [sys.executable, "-m", "nanochat_hf", *args], capture_output=True, text=True, timeout=1800, cwd=cwd,
+        env={**os.environ, "PYTHONPATH": os.getcwd(), "TOKENIZERS_PARALLELISM": "false"},
     )
 
 
-def test_speedrun_cpu_on_embedded_corpus(tmp_path):
-    run_dir = tmp_path / "run"
-    result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
+def _check_run(run_dir, steps: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    assert len(tokenizer) == TIERS["cpu"].vocab_size
     model = AutoModelForCausalLM.from_pretrained(run_dir / "base", trust_remote_code=True)
-    assert model.config.vocab_size == len(tokenizer) and model.config.num_hidden_layers == TIERS["cpu"].depth
-    assert model.config.max_position_embeddings == TIERS["cpu"].sequence_len
+    assert model.config.vocab_size == len(tokenizer) and model.config.num_hidden_layers == 4
+    assert model.config.max_position_embeddings == 512
     log = json.loads((run_dir / "speedrun.json").read_text())
-    assert set(log) >= {"tokenizer", "base-init"}
+    assert set(log) >= {"corpus", "tokenizer", "pretrain"}
+    losses = [json.loads(line)["loss"] for line in (run_dir / "pretrain" / "losses.jsonl").read_text().splitlines()]
+    assert len(losses) == steps and losses[-1] < losses[0]
     ids = AutoTokenizer.from_pretrained(run_dir / "base")("Hello", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
+
+def test_speedrun_cpu_smoke_run_and_rerun(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir), "--pretrain-steps", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((run_dir / "corpus").glob("shard_*.jsonl"))) == 4
+    assert len(AutoTokenizer.from_pretrained(run_dir / "tokenizer")) == TIERS["cpu"].vocab_size
+    _check_run(run_dir, steps=4)
     # a re-run skips the finished stages and leaves them untouched
     before = (run_dir / "base" / "model.safetensors").stat().st_mtime_ns
-    again = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir))
-    assert again.returncode == 0 and "skipping" in again.stdout
+    again = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir), "--pretrain-steps", "4")
+    assert again.returncode == 0 and again.stdout.count("skipping") == 3
     assert (run_dir / "base" / "model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
+def test_speedrun_cpu_full(tmp_path):
+    """`make speedrun-cpu` as it is: the whole CPU tier on the embedded corpus."""
+    result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_run(tmp_path / "run", steps=100)
+
+
 def test_speedrun_on_a_given_corpus_and_unknown_tier(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(5):
-        (corpus / f"doc{i}.txt").write_text(f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * 40)
-    log = run_speedrun("cpu", tmp_path / "run", corpus=str(corpus))
+    corpus = _tiny_corpus(tmp_path)
+    log = run_speedrun("cpu", tmp_path / "run", corpus=str(corpus), pretrain_steps=2)
     assert log["tokenizer"]["seconds"] >= 0 and (tmp_path / "run" / "base" / "config.json").exists()
     with pytest.raises(ValueError, match="unknown tier 'd99'"):
         run_speedrun("d99", tmp_path / "other")
 
 
 def test_init_command(tmp_path):
-    run_speedrun("cpu", tmp_path / "run", corpus=str(_tiny_corpus(tmp_path)))
+    from nanochat_hf.tokenizer import train_tokenizer
+
+    train_tokenizer(["Some text for a tokenizer. " * 200], vocab_size=300, show_progress=False).save_pretrained(
+        tmp_path / "tok"
+    )
     out = tmp_path / "d2"
-    main(["init", "--tokenizer", str(tmp_path / "run" / "tokenizer"), "--depth", "2", "--generation", "2025",
+    main(["init", "--tokenizer", str(tmp_path / "tok"), "--depth", "2", "--generation", "2025",
           "--head-dim", "32", "--sequence-len", "64", "--out", str(out)])
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.config.generation == "2025" and model.config.hidden_size == 128
@@ -83,10 +98,13 @@ def test_every_subcommand_has_help():
             if action.dest != "help" and not action.dest.startswith("_") and action.help is None:
                 nested = getattr(action, "choices", None)
                 assert isinstance(nested, dict), f"{name} --{action.dest} has no help"
+    pretrain_help = _cli("pretrain", "--help")
+    assert pretrain_help.returncode == 0 and "--device_batch_size" in pretrain_help.stdout
 
 
 def _tiny_corpus(tmp_path):
     corpus = tmp_path / "tiny"
     corpus.mkdir(exist_ok=True)
-    (corpus / "a.txt").write_text("Some text for a tokenizer. " * 200)
+    for i in range(3):
+        (corpus / f"part{i}.txt").write_text(f"Document {i}. " + "Some text for a tokenizer and a model. " * 300)
     return corpus

@@ -114,3 +114,23 @@ def embedded_corpus_info() -> dict:
         "python_version": sys.version.split()[0],
         "sha256": digest.hexdigest(),
     }
+
+
+def write_corpus_shards(out_dir: str | os.PathLike, num_shards: int = 4, max_chars: int | None = None) -> list[str]:
+    """Write the corpus as `shard_NNNNN.jsonl` files (a `text` column each, documents dealt round-robin), the
+    layout the pretraining stream reads; as in nanochat, the last shard is the validation split."""
+    import json
+    from pathlib import Path
+
+    if num_shards < 2:
+        raise ValueError(f"num_shards must be >= 2 (the last shard is the validation split), got {num_shards}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = list(embedded_corpus(max_chars))
+    paths = []
+    for shard in range(num_shards):
+        path = out / f"shard_{shard:05d}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs[shard::num_shards])
+        paths.append(str(path))
+    return paths
