@@ -34,6 +34,7 @@ style: install
 bench: install
 	$(PY) benchmarks/model_step.py
 	$(PY) benchmarks/tokenizer_train.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache
