@@ -18,7 +18,7 @@
 
 The corpus (the embedded one, as jsonl) and the tokenizer are built once in a temporary folder.
 
-    python benchmarks/train_step.py [--rounds 3] [--steps 10] [--muon-rounds 3] [--json out.json]
+    python benchmarks/train_step.py [--rounds 4] [--steps 10] [--muon-rounds 3] [--json out.json]
     python benchmarks/train_step.py --only muon --muon-layers 2     # quick look at the optimizer part
 """
 
@@ -63,6 +63,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -290,13 +291,13 @@ def main() -> None:
     g.add_argument("--head-dim", type=int, default=64)
     g.add_argument("--window-pattern", default="L")
     g.add_argument("--seq", type=int, default=256)
-    g.add_argument("--device-batch", type=int, default=4)
-    g.add_argument("--total-batch", type=int, default=2048, help="tokens per optimizer step (sets grad accum)")
+    g.add_argument("--device-batch", type=int, default=8)
+    g.add_argument("--total-batch", type=int, default=4096, help="tokens per optimizer step (sets grad accum)")
     g.add_argument("--vocab-size", type=int, default=4096)
     g.add_argument("--corpus-chars", type=int, default=1_500_000)
     g.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     g.add_argument("--skip", type=int, default=2, help="steps left out of the clock (start-up)")
-    g.add_argument("--rounds", type=int, default=3)
+    g.add_argument("--rounds", type=int, default=4)
     g.add_argument("--num-workers", type=int, default=0, help="tokenizing DataLoader workers, both loops")
     g.add_argument("--log-every", type=int, default=1, help="the Trainer's logging_steps")
     g = parser.add_argument_group("2. Muon vs torch.optim.Muon")

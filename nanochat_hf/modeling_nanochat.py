@@ -115,9 +115,12 @@ class NanoChatAttention(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # One matmul for q, k and v (the weights keep the built-in class's three names); then q and k share one
+        # RoPE and one QK-norm pass.
+        weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        qkv = F.linear(hidden_states, weight).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = qkv.transpose(1, 2)
+        qk, v = qkv.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=1)
         if self.ve_gate is not None:
             channels = self.config.value_embed_gate_channels
             gate = self.config.value_embed_gate_range * torch.sigmoid(self.ve_gate(hidden_states[..., :channels]))
@@ -125,8 +128,9 @@ class NanoChatAttention(nn.Module):
             v = v + gate.transpose(1, 2).unsqueeze(-1) * ve
         cos, sin = position_embeddings
         # nanochat order: RoPE first, then the weightless QK-norm.
-        q = rms_norm(apply_rotary(q, cos, sin), self.config.rms_norm_eps)
-        k = rms_norm(apply_rotary(k, cos, sin), self.config.rms_norm_eps)
+        q, k = rms_norm(apply_rotary(qk, cos, sin), self.config.rms_norm_eps).split(
+            (self.num_heads, self.num_kv_heads), dim=1
+        )
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attention = eager_attention_forward
