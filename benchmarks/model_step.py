@@ -16,22 +16,11 @@ import torch
 import transformers
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
+from nanochat_hf.convert import builtin_config
 
 
 def builtin_from(ours: NanoChatForCausalLM) -> transformers.NanoChatForCausalLM:
-    c = ours.config
-    config = transformers.NanoChatConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_parameters["rope_theta"]},
-        rms_norm_eps=torch.finfo(torch.float32).eps,
-        final_logit_softcapping=c.final_logit_softcapping,
-    )
+    config = builtin_config(ours.config)
     twin = transformers.NanoChatForCausalLM(config)
     twin.load_state_dict(ours.state_dict())
     return twin

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedConfig
 
 from .configuration_nanochat import GENERATION_PRESETS, NanoChatConfig, nanochat_short_window
 from .modeling_nanochat import NanoChatForCausalLM
@@ -1010,34 +1011,11 @@ def builtin_gaps(config: NanoChatConfig) -> list[str]:
     return gaps
 
 
-def to_transformers(model_dir: PathLike, out: PathLike, *, overwrite: bool = False) -> Path:
-    """Export a 2025-generation model for transformers' built-in `nanochat` model type (no trust_remote_code).
-
-    Weight names are already the built-in class's, so the weight files are copied unchanged; config.json is
-    rewritten for `transformers.NanoChatConfig` and the tokenizer and generation config are copied. A model with
-    any feature the built-in class lacks is refused, with the list of those features.
-    """
+def builtin_config(config: NanoChatConfig) -> PreTrainedConfig:
+    """The config of transformers' built-in `nanochat` class that computes what a 2025-generation `config` does."""
     import transformers
 
-    model_dir, out = Path(model_dir), Path(out)
-    if not model_dir.is_dir():
-        raise ConversionError(f"{model_dir}: model folder not found")
-    _check_out(out, overwrite, [model_dir])
-    config = _read_our_config(model_dir)
-    gaps = builtin_gaps(config)
-    if gaps:
-        raise ConversionError(
-            f"{model_dir}: transformers' built-in NanoChatForCausalLM implements nanochat's 2025 architecture and "
-            f"cannot run this {config.generation}-generation model: it lacks {', '.join(gaps)}. Keep the "
-            "nanochat_hf folder (it loads with trust_remote_code=True) or use `nanochat-hf convert to-nanochat`"
-        )
-    # The files are copied, not loaded: check names and shapes from their headers so a mismatch fails here.
-    shapes, weight_files = _read_safetensors(model_dir, shapes_only=True)
-    expected = _expected_shapes(config)
-    wrong = sorted(set(shapes) ^ set(expected)) + [k for k in expected if k in shapes and shapes[k] != expected[k]]
-    if wrong:
-        raise ConversionError(f"{weight_files[0]}: tensors do not match config.json: {wrong[:12]}")
-    builtin = transformers.NanoChatConfig(
+    return transformers.NanoChatConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -1059,6 +1037,35 @@ def to_transformers(model_dir: PathLike, out: PathLike, *, overwrite: bool = Fal
         pad_token_id=config.pad_token_id,
         tie_word_embeddings=False,
     )
+
+
+def to_transformers(model_dir: PathLike, out: PathLike, *, overwrite: bool = False) -> Path:
+    """Export a 2025-generation model for transformers' built-in `nanochat` model type (no trust_remote_code).
+
+    Weight names are already the built-in class's, so the weight files are copied unchanged; config.json is
+    rewritten for `transformers.NanoChatConfig` and the tokenizer and generation config are copied. A model with
+    any feature the built-in class lacks is refused, with the list of those features.
+    """
+
+    model_dir, out = Path(model_dir), Path(out)
+    if not model_dir.is_dir():
+        raise ConversionError(f"{model_dir}: model folder not found")
+    _check_out(out, overwrite, [model_dir])
+    config = _read_our_config(model_dir)
+    gaps = builtin_gaps(config)
+    if gaps:
+        raise ConversionError(
+            f"{model_dir}: transformers' built-in NanoChatForCausalLM implements nanochat's 2025 architecture and "
+            f"cannot run this {config.generation}-generation model: it lacks {', '.join(gaps)}. Keep the "
+            "nanochat_hf folder (it loads with trust_remote_code=True) or use `nanochat-hf convert to-nanochat`"
+        )
+    # The files are copied, not loaded: check names and shapes from their headers so a mismatch fails here.
+    shapes, weight_files = _read_safetensors(model_dir, shapes_only=True)
+    expected = _expected_shapes(config)
+    wrong = sorted(set(shapes) ^ set(expected)) + [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    if wrong:
+        raise ConversionError(f"{weight_files[0]}: tensors do not match config.json: {wrong[:12]}")
+    builtin = builtin_config(config)
     builtin.architectures = ["NanoChatForCausalLM"]
     if getattr(config, "dtype", None) is not None:
         builtin.dtype = config.dtype

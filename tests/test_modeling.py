@@ -7,6 +7,7 @@ import transformers
 from transformers import DynamicCache
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
+from nanochat_hf.convert import builtin_config
 
 from .conftest import CACHE_KW, tiny_config
 from .nanochat_reference import nanochat_forward, reference_config, to_nanochat_state_dict
@@ -16,22 +17,7 @@ ATOL = 1e-5
 
 def builtin_twin(ours: NanoChatForCausalLM) -> transformers.NanoChatForCausalLM:
     """transformers' own NanoChat class with our 2025 weights loaded under the same names."""
-    c = ours.config
-    config = transformers.NanoChatConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_parameters["rope_theta"]},
-        rms_norm_eps=torch.finfo(torch.float32).eps,  # nanochat's F.rms_norm(eps=None) in fp32
-        final_logit_softcapping=c.final_logit_softcapping,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    config = builtin_config(ours.config)
     twin = transformers.NanoChatForCausalLM(config)
     twin.load_state_dict(ours.state_dict(), strict=True)
     return twin.eval()
