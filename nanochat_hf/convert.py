@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from .configuration_nanochat import GENERATION_PRESETS, NanoChatConfig, nanochat_short_window
+from .init_model import publish_folder
 from .modeling_nanochat import NanoChatForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -537,23 +538,13 @@ def _check_out(out: Path, overwrite: bool, sources: list[Path]) -> None:
         )
 
 
-def _publish(staged: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        staged.rename(out)
-        shutil.rmtree(old)
-    else:
-        staged.rename(out)
-
-
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield staged
-        _publish(staged, out)
+        publish_folder(staged, out)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

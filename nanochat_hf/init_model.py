@@ -49,6 +49,17 @@ def build_model(
     return model
 
 
+def publish_folder(staged: Path, out: Path) -> None:
+    """Move a fully written `staged` folder to `out` by renames, replacing whatever `out` held."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        staged.rename(out)
+        shutil.rmtree(old)
+    else:
+        staged.rename(out)
+
+
 def save_atomically(model: NanoChatForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> Path:
     """Write model + tokenizer into a temporary sibling folder, then rename it into place.
 
@@ -60,13 +71,7 @@ def save_atomically(model: NanoChatForCausalLM, tokenizer: PreTrainedTokenizerBa
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        publish_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

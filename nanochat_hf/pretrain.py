@@ -22,7 +22,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_utils import rotate_checkpoints
 
 from .data.pretrain import PretrainStream, evaluate_bpb
-from .init_model import build_model
+from .init_model import build_model, publish_folder
 from .modeling_nanochat import NanoChatForCausalLM
 from .optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups
 from .tokenizer import load_tokenizer, token_bytes
@@ -341,11 +341,10 @@ def train(run: PretrainArguments) -> Path:
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final = Path(run.output_dir) / "final"
     if trainer.args.should_save:
-        trainer.save_model(str(final) + ".tmp")
-        tokenizer.save_pretrained(str(final) + ".tmp")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(str(final) + ".tmp", final)
+        staged = final.with_name("final.tmp")
+        trainer.save_model(str(staged))
+        tokenizer.save_pretrained(staged)
+        publish_folder(staged, final)
     trainer.accelerator.wait_for_everyone()
     return final
 
