@@ -269,8 +269,23 @@ def check_parallelism(distributed_type: DistributedType) -> None:
         raise ValueError(FSDP_ERROR)
 
 
+def keep_local_gloo_on_loopback() -> None:
+    """Make a one-machine CPU process group talk over the loopback interface.
+
+    gloo picks its interface from the hostname, and on machines where the hostname resolves to an address whose
+    traffic to itself goes nowhere (sandboxes, some containers) the ranks wait for each other forever. When the
+    rendezvous itself is local, loopback is always right; a multi-node launch names another MASTER_ADDR and is
+    left alone, as is an explicit GLOO_SOCKET_IFNAME.
+    """
+    if torch.cuda.is_available() or "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
 def train(run: PretrainArguments) -> Path:
     """Run (or resume) pretraining; returns the folder of the final model."""
+    keep_local_gloo_on_loopback()
     training_args = TrainingArguments(
         output_dir=run.output_dir,
         per_device_train_batch_size=run.device_batch_size,

@@ -47,3 +47,20 @@ def tiny_model_factory():
         return randomize(model, seed).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A real `save_pretrained` folder: a 512-token BPE trained on the embedded corpus and a 2-layer model.
+
+    Shared by the tests of every stage that reads a checkpoint folder (engine, SFT, RL, eval, hub). Treat it as
+    read-only: copy it before changing anything in it.
+    """
+    from nanochat_hf.data.embedded import embedded_corpus
+    from nanochat_hf.init_model import build_model, save_atomically
+    from nanochat_hf.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(embedded_corpus(max_chars=200_000), vocab_size=512, show_progress=False)
+    torch.manual_seed(0)
+    model = build_model(tokenizer, depth=2, generation="2026", head_dim=32, max_position_embeddings=256)
+    return save_atomically(randomize(model, seed=0), tokenizer, tmp_path_factory.mktemp("tiny") / "checkpoint")

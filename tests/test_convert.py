@@ -253,6 +253,7 @@ def test_from_nanochat_2025_with_vocab_padding(nanochat_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_tokenizer_conversion_at_full_vocab_size():
     """A 32,768-token rustbpe vocabulary (nanochat HEAD's size), trained on the Python standard library's sources:
     tiktoken -> tokenizer.json -> tiktoken keeps every rank, and both encode a large text identically."""

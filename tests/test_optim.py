@@ -1,6 +1,7 @@
 """MuonAdamW against torch's own optimizers, its state round trip, its schedules, and DDP (2 gloo processes)."""
 
 import copy
+import datetime
 import math
 import os
 
@@ -19,6 +20,7 @@ from nanochat_hf.optim import (
     orthogonalize,
     weight_decay_multiplier,
 )
+from nanochat_hf.pretrain import keep_local_gloo_on_loopback
 
 from .conftest import tiny_config
 
@@ -190,12 +192,18 @@ def test_schedules():
 # distributed
 
 
+def _init_gloo(init_file: str, rank: int, world: int) -> None:
+    keep_local_gloo_on_loopback()  # without it, ranks can wait for each other forever where the hostname is not local
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, steps: int) -> None:
     from nanochat_hf import NanoChatForCausalLM
 
     from .conftest import randomize
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    _init_gloo(init_file, rank, world)
     torch.manual_seed(0)
     # float64: AdamW divides by sqrt(v), which turns fp32 rounding of near-zero gradient entries (summed in a
     # different order by DDP) into visible differences; in fp64 any real divergence still shows.
@@ -240,7 +248,7 @@ def _fsdp_worker(rank: int, init_file: str, result_file: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
+    _init_gloo(init_file, rank, 1)
     mesh = init_device_mesh("cpu", (1,))
     weight = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [Shard(0)]))
     try:

@@ -48,6 +48,7 @@ def test_speedrun_cpu_smoke_run_and_rerun(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_speedrun_cpu_full(tmp_path):
     """`make speedrun-cpu` as it is: the whole CPU tier on the embedded corpus."""
     result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(tmp_path / "run"))
