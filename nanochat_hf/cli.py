@@ -1,6 +1,7 @@
 """`nanochat-hf <command>`: one entry point for every stage of the pipeline."""
 
 import argparse
+import importlib
 import sys
 
 from .convert_cli import add_convert_parser
@@ -29,6 +30,20 @@ def _speedrun_main(args: argparse.Namespace) -> None:
 
     run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus,
                  pretrain_steps=args.pretrain_steps)
+
+
+# command -> (module whose `main(argv)` runs it, one-line summary)
+PASS_THROUGH = {
+    "pretrain": ("pretrain", "pretrain on the Trainer with Muon: --config recipes/<tier>/pretrain.yaml [--field value]"),
+    "midtrain": ("midtrain", "midtrain a base model on the packed conversation mixture: --config "
+                 "recipes/<tier>/midtrain.yaml"),
+    "sft": ("sft", "supervised fine-tuning through TRL's SFTTrainer: --config recipes/<tier>/sft.yaml"),
+    "rl": ("rl", "RL on GSM8K through TRL's GRPOTrainer: --config recipes/<tier>/rl.yaml"),
+    "eval": ("evaluate", "evaluate a checkpoint for its stage (CORE + bpb, or the chat tasks) and write results JSON"),
+    "chat": ("chat_cli", "chat with a model in the terminal (streaming, tool use); -p PROMPT answers once"),
+    "serve": ("serve", "serve the chat Space (Gradio) locally for a model folder or repo id"),
+    "push": ("hub", "push a model (weights, code, tokenizer, model card) and optionally its Space to the Hub"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,25 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     speedrun.add_argument("--pretrain-steps", type=int, help="shorten pretraining to this many steps (smoke run)")
     speedrun.set_defaults(func=_speedrun_main)
 
-    pretrain = sub.add_parser(
-        "pretrain",
-        add_help=False,
-        help="pretrain (or midtrain) a model on the Trainer with Muon: --config recipes/<tier>/pretrain.yaml",
-        description="Pretraining with nanochat's recipe on the transformers Trainer. Every recipe field can be "
-        "overridden (--depth 12 --device_batch_size 16 ...); `nanochat-hf pretrain --help` lists them. Also runs "
-        "as `accelerate launch --config_file accelerate_configs/<x>.yaml -m nanochat_hf.pretrain --config ...`.",
-    )
-    pretrain.add_argument("args", nargs=argparse.REMAINDER, help="--config RECIPE and --field value overrides")
+    # Stages with their own parsers (recipe dataclasses, the Space's flags): the rest of the command line is
+    # handed over untouched, `--help` included.
+    for name, (_, summary) in PASS_THROUGH.items():
+        stage = sub.add_parser(name, add_help=False, help=summary, description=summary)
+        stage.add_argument("args", nargs=argparse.REMAINDER, help=f"see `nanochat-hf {name} --help`")
 
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["pretrain"]:  # its own parser (the recipe's fields), --help included
-        from .pretrain import main as pretrain_main
-
-        return pretrain_main(argv[1:])
+    if argv[:1] and argv[0] in PASS_THROUGH:
+        module = importlib.import_module(f".{PASS_THROUGH[argv[0]][0]}", __package__)
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -214,8 +214,12 @@ class Throughput:
         return metrics
 
 
-def parse_args(argv: list[str] | None = None) -> PretrainArguments:
-    """`--config recipe.yaml` first, then any `--field value` override from the command line."""
+def parse_args(argv: list[str] | None = None, arguments_cls: type = PretrainArguments,
+               prog: str = "nanochat-hf pretrain",
+               description: str = "Pretrain with nanochat's recipe. --config RECIPE.yaml sets the fields below; "
+               "command-line flags override it."):
+    """`--config recipe.yaml` first, then any `--field value` override from the command line. Other stages parse
+    their own recipe dataclass (`arguments_cls`) the same way."""
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe_args: list[str] = []
     if "--config" in argv:
@@ -223,16 +227,14 @@ def parse_args(argv: list[str] | None = None) -> PretrainArguments:
         path = argv[i + 1]
         del argv[i : i + 2]
         recipe = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = sorted(set(recipe) - {f for f in PretrainArguments.__dataclass_fields__})
+        unknown = sorted(set(recipe) - {f for f in arguments_cls.__dataclass_fields__})
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; see `nanochat-hf pretrain --help` for the fields")
+            raise ValueError(f"{path}: unknown keys {unknown}; see `{prog} --help` for the fields")
         for key, value in recipe.items():
             if value is None:
                 continue
             recipe_args += [f"--{key}", str(value)]
-    parser = HfArgumentParser(PretrainArguments, prog="nanochat-hf pretrain",
-                              description="Pretrain with nanochat's recipe. --config RECIPE.yaml sets the fields "
-                              "below; command-line flags override it.")
+    parser = HfArgumentParser(arguments_cls, prog=prog, description=description)
     (args,) = parser.parse_args_into_dataclasses(args=recipe_args + argv)
     return args
 
@@ -283,10 +285,10 @@ def keep_local_gloo_on_loopback() -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 
-def train(run: PretrainArguments) -> Path:
-    """Run (or resume) pretraining; returns the folder of the final model."""
-    keep_local_gloo_on_loopback()
-    training_args = TrainingArguments(
+def training_arguments(run: PretrainArguments) -> TrainingArguments:
+    """The Trainer settings of a pretraining-style run (midtraining shares them); `max_steps`,
+    `save_steps` and gradient accumulation are set once the plan is known."""
+    return TrainingArguments(
         output_dir=run.output_dir,
         per_device_train_batch_size=run.device_batch_size,
         max_grad_norm=0.0,
@@ -306,6 +308,12 @@ def train(run: PretrainArguments) -> Path:
         # Without CUDA, processes launched together (accelerate's cpu_2proc config) form a gloo DDP group.
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def train(run: PretrainArguments) -> Path:
+    """Run (or resume) pretraining; returns the folder of the final model."""
+    keep_local_gloo_on_loopback()
+    training_args = training_arguments(run)
     check_parallelism(training_args.distributed_state.distributed_type)
     world, rank = training_args.world_size, training_args.process_index
     tokenizer = load_tokenizer(run.tokenizer)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nanochat_hf import optim
 from nanochat_hf.optim import (
     FSDP_ERROR,
     MuonAdamW,
@@ -54,6 +55,51 @@ def test_classic_configuration_equals_torch_muon(shape):
         ref.step()
         for a, b in zip(ours_params, ref_params, strict=True):
             assert (a - b).abs().max().item() <= 1e-6, f"step {step}"
+
+
+def _nanochat_muon_reference(params, grads_per_step, lr, wd, momentum=0.95, beta2=0.9):
+    """nanochat's Muon step (nanochat-spec §2.2, steps 1-8) restated on one stack, fp32 throughout."""
+    p = torch.stack([q.detach().clone() for q in params])
+    rows, cols = p.shape[-2:]
+    buf = torch.zeros_like(p)
+    red_dim = -1 if rows >= cols else -2
+    second = torch.zeros(p.shape[0], rows, 1) if rows >= cols else torch.zeros(p.shape[0], 1, cols)
+    for grads in grads_per_step:
+        g = torch.stack(grads)
+        buf.lerp_(g, 1 - momentum)
+        g = g.lerp(buf, momentum)
+        g = g * ((g.norm(dim=(-2, -1), keepdim=True) / rows**0.5) / g.norm(dim=-1, keepdim=True))  # MuonEq
+        x = g.mT if rows > cols else g
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+        for a, b, c in optim.POLAR_EXPRESS_COEFFS:
+            A = x @ x.mT
+            x = a * x + (b * A + c * A @ A) @ x
+        u = x.mT if rows > cols else x
+        u = u * (min(rows, cols) ** 0.5 / u.norm(dim=(-2, -1), keepdim=True))  # Muon+
+        v_mean = u.square().mean(dim=red_dim, keepdim=True)  # NorMuon
+        v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * u.size(red_dim)).sqrt()
+        second.lerp_(v_mean, 1 - beta2)
+        step = second.clamp_min(1e-10).rsqrt()
+        scaled = u * step
+        u = scaled * (v_norm / scaled.norm(dim=(-2, -1), keepdim=True))
+        eff_lr = lr * max(1.0, rows / cols) ** 0.5
+        mask = (u * p) >= 0  # cautious weight decay
+        p = p - eff_lr * u - eff_lr * wd * p * mask
+    return p
+
+
+@pytest.mark.parametrize("shape", [(24, 64), (64, 24), (40, 40)])
+def test_default_configuration_equals_nanochat_muon(shape):
+    params = _matrices(7, [shape] * 3)
+    gen = torch.Generator().manual_seed(8)
+    grads_per_step = [[torch.randn(shape, generator=gen) for _ in params] for _ in range(3)]
+    expected = _nanochat_muon_reference(params, grads_per_step, lr=0.02, wd=0.2)
+    opt = MuonAdamW([dict(kind="muon", params=params, lr=0.02, weight_decay=0.2)], ortho_dtype=torch.float32)
+    for grads in grads_per_step:
+        for q, g in zip(params, grads, strict=True):
+            q.grad = g.clone()
+        opt.step()
+    assert (torch.stack([q.detach() for q in params]) - expected).abs().max().item() <= 1e-5
 
 
 def test_adamw_groups_equal_torch_adamw():
@@ -153,6 +199,23 @@ def test_state_dict_round_trip_resumes_exactly(tiny_model_factory):
         opt2.zero_grad(set_to_none=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_chunks_step_exactly_like_whole_stacks(tiny_model_factory, monkeypatch, param_dtype):
+    """On CPU a Muon group is updated a few matrices at a time; the result must not depend on the chunk size."""
+    results = []
+    for per_update in (1000, 1):  # the whole stack at once, then one matrix at a time
+        monkeypatch.setattr(optim, "CPU_MATRICES_PER_UPDATE", per_update)
+        model = tiny_model_factory("2026", seed=3).to(param_dtype).train()
+        opt, _ = _train(model, {}, steps=3)
+        results.append((model.state_dict(), opt.state_dict()["state"]))
+    (params_a, state_a), (params_b, state_b) = results
+    for name, a in params_a.items():
+        assert torch.equal(a, params_b[name]), name
+    for key, a in state_a.items():
+        for field, value in a.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[key][field])), (key, field)
 
 
 def test_step_accepts_a_closure():

@@ -1,0 +1,612 @@
+"""`nanochat-hf push`: publish a checkpoint folder to the Hub as one commit, and optionally its chat Space.
+
+Everything that will be uploaded is first written to a local staging folder by :func:`stage_model_repo` and
+:func:`stage_space_repo`; the tests build the same folders with the same functions. Nothing touches the network
+until both folders are complete, and each repository then receives exactly one commit (`HfApi.upload_folder`),
+so a failure leaves the repository as it was.
+
+Where the card's evaluation results come from (read tolerantly, see :func:`find_results_files`):
+
+* ``--results FILE`` (repeatable) names them explicitly; otherwise
+* ``eval_*.json`` in the model folder (what ``nanochat-hf eval`` writes there), every ``*result*.json`` in the model
+  folder and in the folder that holds it (``eval_results.json``, lighteval's ``results_<timestamp>.json``), and
+  ``results/**/*.json`` inside the model folder (lighteval's output layout).
+
+Formats: ``nanochat-hf eval``'s own (``{"stage": ..., "core": {"core_metric": ...}, "bpb": {"val_bpb": ...},
+"chat": {"tasks": {name: {"accuracy": ...}}, "chatcore": ...}}``: its summary numbers are taken, not the 22 CORE
+tasks one by one); lighteval's ``{"results": {"suite|task|shots": {"metric": value}}}``; a nested
+``{"task": {"metric": value}}`` mapping; a flat ``{"task": value}`` one (``{"CORE": 0.22}``). Other numeric leaves
+become results; ``*_stderr`` entries, lighteval's aggregate ``all`` and its config sections are skipped; a file that
+is not JSON or holds no number is skipped with a warning. The report card is ``--report FILE`` or the first
+``report.md`` found in the model folder, beside it, or in ``report/`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The Space sources live in the checkout (like recipes/), not in the installed package.
+SPACE_SOURCE = PACKAGE_DIR.parent / "spaces"
+CODE_FILES = ("configuration_nanochat.py", "modeling_nanochat.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_nanochat.NanoChatConfig",
+    "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
+# Vendored into the Space as the package `nanochat_engine`: the Space runs without nanochat_hf installed.
+ENGINE_FILES = ("engine.py", "tools.py")
+VENDORED_PACKAGE = "nanochat_engine"
+SPACE_CONFIG = "space_config.json"
+DEFAULT_DATASETS = (
+    "karpathy/climbmix-400b-shuffle",
+    "HuggingFaceTB/smol-smoltalk",
+    "cais/mmlu",
+    "openai/gsm8k",
+)
+# Known evaluation tasks -> (Hub dataset id, dataset config, pretty name); others keep their own name.
+KNOWN_TASKS = {
+    "core": ("core", None, "CORE"),  # DCLM's 22-task bundle: no single Hub dataset
+    "chatcore": ("chatcore", None, "ChatCORE"),
+    "arceasy": ("allenai/ai2_arc", "ARC-Easy", "ARC-Easy"),
+    "arcchallenge": ("allenai/ai2_arc", "ARC-Challenge", "ARC-Challenge"),
+    "mmlu": ("cais/mmlu", "all", "MMLU"),
+    "gsm8k": ("openai/gsm8k", "main", "GSM8K"),
+    "humaneval": ("openai/openai_humaneval", None, "HumanEval"),
+    "spellingbee": ("spellingbee", None, "SpellingBee"),
+    "bitsperbyte": ("validation", None, "bits per byte"),
+}
+_SKIPPED_SECTIONS = {"config_general", "config_tasks", "versions", "summary_tasks", "summary_general", "details",
+                     "hashes", "config", "args"}
+
+
+class HubError(RuntimeError):
+    """The push cannot go ahead (no token, no network, refused by the Hub); nothing was committed."""
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: str  # as found, e.g. "gsm8k" or "sft/gsm8k"
+    metric: str
+    value: float
+    source: str  # the file it came from
+
+
+@dataclass(frozen=True)
+class PushResult:
+    model_url: str
+    commit_url: str
+    space_url: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the report card and the evaluation results
+
+
+def find_report(model_dir: Path) -> Path | None:
+    for candidate in (model_dir / "report.md", model_dir.parent / "report.md", model_dir.parent / "report" / "report.md"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_results_files(model_dir: Path) -> list[Path]:
+    found: list[Path] = sorted(p for p in model_dir.glob("eval_*.json") if p.is_file())
+    for folder in (model_dir, model_dir.parent):
+        found += sorted(p for p in folder.glob("*.json") if "result" in p.name.lower() and p.is_file())
+    found += sorted(p for p in (model_dir / "results").rglob("*.json") if p.is_file())
+    unique: list[Path] = []
+    for path in found:
+        if path.resolve() not in {u.resolve() for u in unique}:
+            unique.append(path)
+    return unique
+
+
+def _task_name(key: str) -> str:
+    # lighteval keys look like "suite|task|shots" and tasks like "chat:gsm8k": keep the task itself.
+    if "|" in key:
+        parts = key.split("|")
+        key = parts[1] if len(parts) >= 2 else parts[0]
+    return key.split(":")[-1]
+
+
+def _numeric_leaves(node, path: tuple[str, ...]) -> Iterable[tuple[tuple[str, ...], float]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            key = str(key)
+            if key in _SKIPPED_SECTIONS or key == "all" or key.endswith("stderr"):
+                continue
+            yield from _numeric_leaves(value, path + (key,))
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield path, float(node)
+
+
+def _nanochat_eval_results(data: dict, source: str) -> list[TaskResult]:
+    """The summary numbers of a `nanochat-hf eval` results file."""
+    out = []
+    core, bpb, chat = data.get("core"), data.get("bpb"), data.get("chat")
+    if isinstance(core, dict) and isinstance(core.get("core_metric"), (int, float)):
+        out.append(TaskResult("CORE", "centered_accuracy", float(core["core_metric"]), source))
+    if isinstance(bpb, dict) and isinstance(bpb.get("val_bpb"), (int, float)):
+        out.append(TaskResult("bits_per_byte", "bpb", float(bpb["val_bpb"]), source))
+    if isinstance(chat, dict):
+        for name, result in (chat.get("tasks") or {}).items():
+            if isinstance(result, dict) and isinstance(result.get("accuracy"), (int, float)):
+                out.append(TaskResult(str(name), "accuracy", float(result["accuracy"]), source))
+        if isinstance(chat.get("chatcore"), (int, float)):
+            out.append(TaskResult("ChatCORE", "chatcore", float(chat["chatcore"]), source))
+    return out
+
+
+def read_results(paths: Sequence[Path]) -> list[TaskResult]:
+    """Every numeric result in `paths` (formats in the module docstring); unreadable files are skipped."""
+    results: list[TaskResult] = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            logger.warning("skipping results file %s: %s", path, err)
+            continue
+        if isinstance(data, dict) and "stage" in data and ({"core", "chat"} & data.keys()):
+            nanochat = _nanochat_eval_results(data, str(path))
+            if not nanochat:
+                logger.warning("skipping results file %s: it holds no finished evaluation", path)
+            results += nanochat
+            continue
+        if isinstance(data, dict) and isinstance(data.get("results"), dict):
+            data = data["results"]  # lighteval
+        found = list(_numeric_leaves(data, ()))
+        if not found:
+            logger.warning("skipping results file %s: it holds no numeric result", path)
+        for keys, value in found:
+            if len(keys) == 1:
+                task, metric = _task_name(keys[0]), "score"
+            else:
+                task = "/".join([*keys[:-2], _task_name(keys[-2])])
+                metric = keys[-1]
+            results.append(TaskResult(task=task, metric=metric, value=value, source=str(path)))
+    return results
+
+
+def _task_key(task: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", task.split("/")[-1].lower())
+
+
+def eval_results_for_card(results: Sequence[TaskResult]):
+    from huggingface_hub import EvalResult
+
+    cards = []
+    for r in results:
+        dataset, config, pretty = KNOWN_TASKS.get(_task_key(r.task), (r.task, None, r.task))
+        if "/" in r.task and pretty != r.task:  # keep the stage prefix ("sft/GSM8K")
+            pretty = r.task.rsplit("/", 1)[0] + "/" + pretty
+        cards.append(EvalResult(
+            task_type="text-generation", task_name="Text Generation",
+            dataset_type=dataset, dataset_name=pretty, dataset_config=config,
+            metric_type=r.metric, metric_name=r.metric, metric_value=round(r.value, 4),
+        ))
+    return cards
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Staging: the exact folders that are uploaded
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # weights can be gigabytes: a hard link costs nothing and the upload only reads it
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: the shard index names missing files {missing}")
+        return [index] + [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(model_dir.glob("*.bin")):
+        raise ValueError(f"{model_dir} holds PyTorch .bin weights only; load it and save it again with "
+                         "save_pretrained (which writes safetensors) before pushing.")
+    raise FileNotFoundError(f"{model_dir} has no model.safetensors: pass a folder written by save_pretrained "
+                            "(e.g. the `final` folder of a training run).")
+
+
+def _num_parameters(weight_files: Sequence[Path]) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in weight_files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    numel = 1
+                    for dim in f.get_slice(name).get_shape():
+                        numel *= dim
+                    total += numel
+    return total
+
+
+def _read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: pass a folder written by save_pretrained.")
+    config = json.loads(path.read_text())
+    if config.get("model_type") != "nanochat_hf":
+        raise ValueError(f"{path} has model_type {config.get('model_type')!r}, not 'nanochat_hf'; this command "
+                         "publishes nanochat-hf checkpoints (convert others with `nanochat-hf convert`).")
+    return config
+
+
+def _check_tokenizer(model_dir: Path) -> list[Path]:
+    files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    names = {p.name for p in files}
+    if not {"tokenizer.json", "tokenizer_config.json"} <= names:
+        raise FileNotFoundError(f"{model_dir} has no tokenizer (tokenizer.json + tokenizer_config.json): save the "
+                                "tokenizer into the model folder with tokenizer.save_pretrained(folder).")
+    inline_template = "chat_template" in json.loads((model_dir / "tokenizer_config.json").read_text())
+    if not ({"chat_template.jinja", "chat_template.json"} & names or inline_template):
+        raise ValueError(f"{model_dir} has no chat template; re-save the tokenizer from "
+                         "nanochat_hf.tokenizer.load_tokenizer, which carries nanochat's template.")
+    return files
+
+
+def _generation_config(model_dir: Path, config: dict) -> dict:
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    # nanochat stops on <|assistant_end|> and on <|bos|> (a base model starting a new document)
+    eos = config.get("eos_token_id")
+    stops = [eos] if isinstance(eos, int) else list(eos or [])
+    if config.get("bos_token_id") is not None and config["bos_token_id"] not in stops:
+        stops.append(config["bos_token_id"])
+    return {"bos_token_id": config.get("bos_token_id"), "eos_token_id": stops, "pad_token_id": config.get("pad_token_id")}
+
+
+def _demote_headings(markdown: str) -> str:
+    # the report's own "# title" would otherwise outrank the card's sections
+    out, fenced = [], False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        out.append("#" + line if line.startswith("#") and not fenced else line)
+    return "\n".join(out)
+
+
+def _model_card(repo_id: str, config: dict, num_params: int, results: Sequence[TaskResult], report: str | None,
+                datasets: Sequence[str], license: str, space_id: str | None):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    name = repo_id.split("/")[-1]
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license,
+        language=["en"],
+        tags=["nanochat", "nanochat-hf", "custom_code", "conversational", "text-generation"],
+        datasets=list(datasets) or None,
+        model_name=name,
+        eval_results=eval_results_for_card(results) or None,
+    )
+    layers, width = config.get("num_hidden_layers"), config.get("hidden_size")
+    lines = [
+        f"# {name}",
+        "",
+        f"A nanochat model (d{layers}, {num_params:,} parameters) trained with nanochat-hf, "
+        "[nanochat](https://github.com/karpathy/nanochat)'s recipe rebuilt on the Hugging Face stack.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)',
+        'messages = [{"role": "user", "content": "Why is the sky blue?"}]',
+        "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
+        "out = model.generate(**ids, max_new_tokens=128, do_sample=True, temperature=0.8, top_k=50)",
+        "print(tokenizer.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "The code (`configuration_nanochat.py`, `modeling_nanochat.py`) ships with the weights and imports only torch "
+        "and transformers, hence `trust_remote_code=True`. The chat template renders nanochat's special tokens.",
+        "",
+        "## Architecture",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| generation | {config.get('generation', '?')} |",
+        f"| layers | {layers} |",
+        f"| hidden size | {width} |",
+        f"| attention heads / kv heads | {config.get('num_attention_heads')} / {config.get('num_key_value_heads')} |",
+        f"| context | {config.get('max_position_embeddings')} |",
+        f"| vocabulary | {config.get('vocab_size')} |",
+        f"| parameters | {num_params:,} |",
+    ]
+    if space_id:
+        lines += ["", f"Chat with it in the Space [{space_id}](https://huggingface.co/spaces/{space_id})."]
+    if results:
+        lines += ["", "## Evaluation", "", "| task | metric | value |", "|---|---|---|"]
+        lines += [f"| {r.task} | {r.metric} | {r.value:.4f} |" for r in results]
+    if report:
+        lines += ["", "## Report card", "", _demote_headings(report.strip())]
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def stage_model_repo(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    results_files: Sequence[str | os.PathLike] | None = None,
+    report_file: str | os.PathLike | None = None,
+    datasets: Sequence[str] = DEFAULT_DATASETS,
+    license: str = "mit",
+    space_id: str | None = None,
+) -> Path:
+    """Write into the new folder `out_dir` exactly what `push` uploads to the model repo `repo_id`.
+
+    Weights (safetensors), config.json with `auto_map`, the model code from this package, the tokenizer and chat
+    template, generation_config.json and a model card (README.md) built from the report card and the results.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist")
+    _check_repo_id(repo_id, "--repo-id")
+    config = _read_config(model_dir)
+    weights = _weight_files(model_dir)
+    tokenizer_files = _check_tokenizer(model_dir)
+    if results_files is None:
+        results_files = find_results_files(model_dir)
+    else:
+        for path in results_files:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"results file {path} does not exist")
+    if report_file is not None and not Path(report_file).is_file():
+        raise FileNotFoundError(f"report file {report_file} does not exist")
+    report_path = Path(report_file) if report_file is not None else find_report(model_dir)
+    results = read_results([Path(p) for p in results_files])
+
+    report = report_path.read_text() if report_path else None
+    card = _model_card(repo_id, config, _num_parameters(weights), results, report, datasets, license, space_id)
+
+    out_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        for path in weights + tokenizer_files:
+            _link_or_copy(path, out_dir / path.name)
+        for name in CODE_FILES:
+            shutil.copy2(PACKAGE_DIR / name, out_dir / name)
+        config["auto_map"] = dict(AUTO_MAP)
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = _generation_config(model_dir, config)
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+        card.save(out_dir / "README.md")
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_imports(path: Path, allowed: set[str]) -> None:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            modules = [node.module or ""]
+        else:
+            continue
+        for module in modules:
+            top = module.split(".")[0]
+            if top not in allowed and top not in sys.stdlib_module_names:
+                raise ValueError(f"{path} imports {module!r}, which a Space without nanochat_hf cannot import; "
+                                 "engine.py/tools.py may import only the standard library, torch, transformers and "
+                                 "each other (relatively).")
+
+
+def stage_space_repo(out_dir: str | os.PathLike, model_repo_id: str, source: str | os.PathLike = SPACE_SOURCE) -> Path:
+    """Write into the new folder `out_dir` the Space: app.py, requirements.txt, README.md pointed at
+    `model_repo_id` (its `models:` metadata and space_config.json) and the engine vendored as `nanochat_engine/`."""
+    from huggingface_hub import SpaceCard
+
+    source, out_dir = Path(source), Path(out_dir)
+    needed = [source / name for name in ("app.py", "requirements.txt", "README.md")]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"Space sources {missing} not found: run from a checkout of nanochat-hf "
+                                "(the Space lives in its spaces/ folder).")
+    engine = [PACKAGE_DIR / name for name in ENGINE_FILES]
+    absent = [str(p) for p in engine if not p.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{absent} not found: the Space streams through nanochat_hf.engine")
+    for path in engine:
+        _check_imports(path, {"torch", "transformers"})
+
+    card = SpaceCard.load(source / "README.md")
+    card.data.models = [model_repo_id]
+
+    out_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        shutil.copy2(source / "app.py", out_dir / "app.py")
+        shutil.copy2(source / "requirements.txt", out_dir / "requirements.txt")
+        card.save(out_dir / "README.md")
+        (out_dir / SPACE_CONFIG).write_text(json.dumps({"model": model_repo_id}, indent=2) + "\n")
+        package = out_dir / VENDORED_PACKAGE
+        package.mkdir()
+        for path in engine:
+            shutil.copy2(path, package / path.name)
+        (package / "__init__.py").write_text(
+            '"""nanochat-hf\'s inference engine, vendored by `nanochat-hf push`."""\n\n'
+            "from .engine import Engine\n\n__all__ = [\"Engine\"]\n"
+        )
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pushing
+
+
+def _check_repo_id(repo_id: str, flag: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{flag} {repo_id!r} is not a valid repo id: {err}") from err
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{flag} {repo_id!r} must be USER/NAME (or ORG/NAME)")
+
+
+def _network_error_types() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.TransportError, OSError)
+
+
+def _hub_call(what: str, endpoint: str, fn):
+    """Run one Hub request, turning transport and HTTP failures into a HubError that says what to do."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return fn()
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status in (401, 403):
+            raise HubError(f"{what}: the Hub refused the token ({status}); use a token with write access "
+                           "(`hf auth login`, or HF_TOKEN).") from err
+        raise HubError(f"{what}: the Hub answered {status}: {err}") from err
+    except _network_error_types() as err:
+        raise HubError(f"{what}: cannot reach the Hub at {endpoint} ({err}); check the network "
+                       "(or HF_ENDPOINT) and try again. Nothing was pushed.") from err
+
+
+def push(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    space_id: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    results_files: Sequence[str | os.PathLike] | None = None,
+    report_file: str | os.PathLike | None = None,
+    datasets: Sequence[str] = DEFAULT_DATASETS,
+    license: str = "mit",
+) -> PushResult:
+    """Upload `model_dir` to `repo_id` in one commit; with `space_id` create or update the Space pointed at it."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    _check_repo_id(repo_id, "--repo-id")
+    if space_id is not None:
+        _check_repo_id(space_id, "--space")
+    if constants.HF_HUB_OFFLINE:
+        raise HubError("HF_HUB_OFFLINE is set: unset it to push to the Hub. Nothing was pushed.")
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write access. "
+                       "Nothing was pushed.")
+    endpoint = endpoint or constants.ENDPOINT
+    api = HfApi(endpoint=endpoint, token=token)
+    with tempfile.TemporaryDirectory(prefix="nanochat-hf-push-") as tmp:
+        # both folders complete before the first request: a bad input fails here, with nothing sent
+        model_folder = stage_model_repo(model_dir, Path(tmp) / "model", repo_id, results_files=results_files,
+                                        report_file=report_file, datasets=datasets, license=license,
+                                        space_id=space_id)
+        space_folder = stage_space_repo(Path(tmp) / "space", repo_id) if space_id else None
+        user = _hub_call("checking the token", endpoint, api.whoami)
+        logger.info("pushing as %s", user.get("name"))
+        # both repos exist before the first commit: a Space name that is taken or refused stops the push early
+        url = _hub_call(f"creating {repo_id}", endpoint,
+                        lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+        space_url = None
+        if space_folder is not None:
+            space_url = str(_hub_call(f"creating the Space {space_id}", endpoint, lambda: api.create_repo(
+                space_id, private=private, exist_ok=True, repo_type="space", space_sdk="gradio")))
+        commit = _hub_call(f"uploading to {repo_id}", endpoint, lambda: api.upload_folder(
+            repo_id=repo_id, folder_path=model_folder, repo_type="model",
+            commit_message=f"Upload {Path(model_dir).name} with nanochat-hf"))
+        if space_folder is not None:
+            _hub_call(f"uploading the Space {space_id} (the model is pushed: {commit.commit_url})", endpoint,
+                      lambda: api.upload_folder(repo_id=space_id, folder_path=space_folder, repo_type="space",
+                                                commit_message=f"Chat with {repo_id}"))
+    return PushResult(model_url=str(url), commit_url=commit.commit_url, space_url=space_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanochat-hf push",
+        description="Publish a checkpoint folder to the Hugging Face Hub in one commit: safetensors weights, "
+        "config.json with auto_map, the model code, tokenizer + chat template, generation_config.json and a model "
+        "card with the report card and evaluation results. With --space, also create or update a Gradio Space that "
+        "chats with the model. Needs a token (`hf auth login` or HF_TOKEN) and network.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder written by save_pretrained")
+    parser.add_argument("--repo-id", required=True, help="model repo, USER/NAME")
+    parser.add_argument("--private", action="store_true", help="create the repo (and Space) private")
+    parser.add_argument("--space", help="also create/update this Space (USER/NAME) pointed at the model")
+    parser.add_argument("--results", action="append", help="evaluation results JSON (repeatable; default: "
+                        "*result*.json in and beside the model folder)")
+    parser.add_argument("--report", help="report card markdown (default: report.md in or beside the model folder)")
+    parser.add_argument("--dataset", action="append", help="training dataset id for the card metadata (repeatable; "
+                        f"default: {', '.join(DEFAULT_DATASETS)})")
+    parser.add_argument("--license", default="mit", help="license in the card metadata (default mit)")
+    parser.add_argument("--dry-run", metavar="OUT", help="write the folders that would be uploaded to OUT/model "
+                        "(and OUT/space) and stop; needs neither token nor network")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    datasets = tuple(args.dataset) if args.dataset else DEFAULT_DATASETS
+    try:
+        if args.space:
+            _check_repo_id(args.space, "--space")
+        if args.dry_run:
+            out = Path(args.dry_run)
+            if out.exists() and any(out.iterdir()):
+                raise ValueError(f"--dry-run folder {out} is not empty; pick a new one")
+            space = stage_space_repo(out / "space", args.repo_id) if args.space else None
+            try:
+                model = stage_model_repo(args.model, out / "model", args.repo_id, results_files=args.results,
+                                         report_file=args.report, datasets=datasets, license=args.license,
+                                         space_id=args.space)
+            except BaseException:
+                if space is not None:
+                    shutil.rmtree(space, ignore_errors=True)
+                raise
+            print(f"staged the model repo in {model}" + (f" and the Space in {space}" if space else ""))
+            return
+        result = push(args.model, args.repo_id, private=args.private, space_id=args.space,
+                      results_files=args.results, report_file=args.report, datasets=datasets, license=args.license)
+    except (HubError, ValueError, FileNotFoundError) as err:
+        print(f"nanochat-hf push: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    print(f"pushed {result.model_url} ({result.commit_url})")
+    if result.space_url:
+        print(f"Space: {result.space_url}")
+
+
+if __name__ == "__main__":
+    main()

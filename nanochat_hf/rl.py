@@ -1,0 +1,242 @@
+"""Reinforcement learning on GSM8K through TRL's GRPOTrainer with nanochat's settings (nanochat-spec.md §4.5).
+
+    nanochat-hf rl --config recipes/d20/rl.yaml [--num_iterations 20 ...]
+    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.rl --config ...
+
+nanochat's chat_rl.py is a simplified GRPO, and TRL expresses each of its choices:
+
+==========================================  =========================================================
+nanochat                                    GRPOConfig
+==========================================  =========================================================
+16 samples per question                     ``num_generations=num_samples``
+16 questions per step                       completions per step = examples x samples, reached by
+                                            gradient accumulation over ``device_batch_size`` rows
+temperature 1.0, top-k 50, 256 new tokens   ``temperature``, ``top_k``, ``max_completion_length``
+no KL / reference model                     ``beta=0.0``
+on-policy, one pass per batch (no ratio)    ``num_iterations=1`` (the PPO ratio is exactly 1)
+advantage r - mean(r), no std division      ``scale_rewards="none"``
+token-level normalisation ("DAPO style")    ``loss_type="dapo"``
+reward: exact ``#### <number>`` match       :func:`gsm8k_accuracy` (``nanochat_hf.tasks.gsm8k``)
+LRs x 0.05, linear to 0, no weight decay    our Muon + AdamW factory, :class:`NanoChatTRLMixin`
+==========================================  =========================================================
+
+Prompts are the question rendered for completion (the conversation without its final assistant answer, then
+``<|assistant_start|>``), as nanochat's ``render_for_completion``. Rollouts call the calculator as nanochat's engine
+does, through TRL's own tool loop (``tools=[python]``; ``use_tools: false`` turns it off): generation stops at
+``<|python_end|>``, the block is parsed into a ``tool_calls`` entry, the result is appended as
+``<|output_start|>result<|output_end|>`` and sampling continues in the same turn; those appended tokens are out of the
+loss (TRL's ``tool_mask``). See :data:`TOOLS_NOTE` and :mod:`nanochat_hf.trl_support`.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from .init_model import save_atomically
+from .modeling_nanochat import NanoChatForCausalLM
+from .pretrain import LossLog, check_parallelism, keep_local_gloo_on_loopback, parse_args
+from .tokenizer import load_tokenizer
+from .trl_support import (
+    FinetuneOptimizerFactory,
+    NanoChatTRLMixin,
+    enable_tool_rollouts,
+    python,
+    score_real_vocab_only,
+)
+
+TOOLS_NOTE = (
+    "Rollouts call nanochat's calculator through TRL's tool loop: <|python_end|> is a stop token of the generation "
+    "config, NANOCHAT_RESPONSE_TEMPLATE (nanochat_hf.trl_support) makes tokenizer.parse_response turn "
+    "<|python_start|>expr<|python_end|> into a tool call of `python`, TRL appends the chat template's "
+    "<|output_start|>result<|output_end|> and generates on; TRL's tool_mask keeps those tokens out of the loss. "
+    "Differences from nanochat's engine: a refused expression gets an empty output block (nanochat inserts none), "
+    "and each tool call costs a new generate() call over the prompt and completion so far."
+)
+
+
+@dataclass
+class RLArguments:
+    """An RL run. Every field can be set in the recipe YAML and overridden on the command line."""
+
+    output_dir: str = field(default="runs/rl", metadata={"help": "checkpoints and the final model"})
+    init_from: str = field(default="runs/d20/sft/final", metadata={"help": "model folder to train"})
+    task: str = field(default="gsm8k", metadata={"help": "nanochat_hf.tasks task with `messages` + `answer` rows"})
+    data_dir: str | None = field(default=None, metadata={"help": "local copy of the task's dataset (default: Hub)"})
+    examples_per_step: int = field(default=16, metadata={"help": "questions per optimizer step (all processes)"})
+    num_samples: int = field(default=16, metadata={"help": "completions sampled per question (the group)"})
+    device_batch_size: int = field(default=8, metadata={"help": "completions per device per forward pass"})
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens sampled per completion at most"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens (0: all)"})
+    num_epochs: float = field(default=1.0, metadata={"help": "passes over GSM8K train"})
+    num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1: num_epochs over the data"})
+    max_examples: int = field(default=-1, metadata={"help": "use only the first N questions; -1: all"})
+    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR of the token embedding"})
+    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR of lm_head"})
+    matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the block matrices"})
+    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW LR of the resid/x0 lambdas"})
+    init_lr_frac: float = field(default=0.05, metadata={"help": "every LR is multiplied by this"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Muon weight decay"})
+    save_every: int = field(default=60, metadata={"help": "steps between checkpoints; -1: none"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    log_every: int = field(default=1, metadata={"help": "steps between log lines"})
+    seed: int = field(default=42, metadata={"help": "random seed"})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard or trackio"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
+    use_tools: bool = field(default=True, metadata={"help": "rollouts call the calculator at <|python_end|>, as "
+                                                    "nanochat's engine"})
+
+
+class NanoChatGRPOTrainer(NanoChatTRLMixin, GRPOTrainer):
+    """GRPOTrainer takes no `optimizer_cls_and_kwargs`: our optimizer comes in through `create_optimizer`."""
+
+    def __init__(self, *args, optimizer_kwargs: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optimizer_kwargs = optimizer_kwargs
+        score_real_vocab_only(self.model)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = FinetuneOptimizerFactory()(self.model if model is None else model,
+                                                        **self.optimizer_kwargs)
+        return self.optimizer
+
+
+def parse_rl_args(argv: list[str] | None = None) -> RLArguments:
+    return parse_args(argv, RLArguments, prog="nanochat-hf rl",
+                      description="RL on GSM8K with TRL's GRPOTrainer and nanochat's settings. --config RECIPE.yaml "
+                      "sets the fields below; command-line flags override it.")
+
+
+def completion_text(completion) -> str:
+    """The text of a completion: a string, or (conversational) the contents of its messages, in order."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content") or "" for m in completion if isinstance(m.get("content"), str))
+
+
+def gsm8k_accuracy(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """TRL reward function: nanochat's GSM8K reward (1.0 when the ``#### <number>`` answer equals the reference)."""
+    from .tasks.gsm8k import gsm8k_reward
+
+    return [float(gsm8k_reward(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
+
+
+def prompts_for_completion(dataset: Dataset) -> Dataset:
+    """GSM8K rows (`messages` ending with the reference answer, and `answer`) as GRPO prompts: the conversation
+    without its final assistant message, in the `prompt` column TRL renders with the generation prompt."""
+    missing = {"messages", "answer"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"RL data needs columns 'messages' and 'answer'; missing {sorted(missing)} "
+                         f"(columns: {dataset.column_names})")
+
+    def to_prompt(row: dict) -> dict:
+        messages = row["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("each RL conversation must end with the reference assistant message")
+        return {"prompt": messages[:-1], "answer": row["answer"]}
+
+    return dataset.map(to_prompt, remove_columns=dataset.column_names)
+
+
+def grpo_config(run: RLArguments, generation_kwargs: dict | None = None) -> GRPOConfig:
+    # GRPOConfig checks the generation batch against the group size when it is built, so the accumulation that
+    # makes examples x samples completions per step is derived first, from the launcher's world size.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    completions = run.examples_per_step * run.num_samples
+    per_pass = run.device_batch_size * world
+    if completions % per_pass:
+        raise ValueError(f"examples_per_step x num_samples = {completions} completions per step must be a multiple of "
+                         f"device_batch_size x processes = {per_pass}; change one of them")
+    args = GRPOConfig(
+        output_dir=run.output_dir,
+        per_device_train_batch_size=run.device_batch_size,
+        num_generations=run.num_samples,
+        gradient_accumulation_steps=completions // per_pass,
+        steps_per_generation=completions // per_pass,
+        max_completion_length=run.max_new_tokens,
+        temperature=run.temperature,
+        top_k=run.top_k,
+        beta=0.0,
+        num_iterations=1,
+        scale_rewards="none",
+        loss_type="dapo",
+        num_train_epochs=run.num_epochs,
+        max_steps=run.num_iterations,
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        logging_steps=run.log_every,
+        save_strategy="steps" if run.save_every > 0 else "no",
+        save_steps=max(run.save_every, 1),
+        save_total_limit=run.keep_last,
+        report_to=[] if run.report_to == "none" else [run.report_to],
+        seed=run.seed,
+        bf16=run.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        disable_tqdm=False,
+        generation_kwargs=generation_kwargs,
+    )
+    if args.world_size != world:
+        raise ValueError(f"WORLD_SIZE={world} but the process group has {args.world_size} processes")
+    return args
+
+
+def load_rl_task(run: RLArguments) -> Dataset:
+    from .tasks import load_task  # imported here: the tasks pull in the datasets of every task
+
+    return load_task(run.task, split="train", path=run.data_dir)
+
+
+def train(run: RLArguments, dataset: Dataset | None = None, reward_funcs=None,
+          generation_kwargs: dict | None = None) -> Path:
+    """GRPO on `dataset` (`messages` + `answer`; default: the run's task, GSM8K train) rewarded by `reward_funcs`
+    (default nanochat's GSM8K reward); returns the folder of the final model. `generation_kwargs` are extra
+    transformers generation settings for the rollouts (e.g. a ``sequence_bias``)."""
+    keep_local_gloo_on_loopback()
+    if not Path(run.init_from, "config.json").is_file():
+        raise ValueError(f"--init_from {run.init_from}: not a save_pretrained model folder (no config.json); "
+                         "run `nanochat-hf sft` first or point at its final/ folder")
+    tokenizer = load_tokenizer(run.init_from)
+    model = NanoChatForCausalLM.from_pretrained(run.init_from)
+    eos_token_id = enable_tool_rollouts(model, tokenizer) if run.use_tools else model.generation_config.eos_token_id
+    dataset = load_rl_task(run) if dataset is None else dataset
+    if run.max_examples > 0:
+        dataset = dataset.select(range(min(run.max_examples, len(dataset))))
+    dataset = prompts_for_completion(dataset)
+    args = grpo_config(run, generation_kwargs)
+    check_parallelism(args.distributed_state.distributed_type)
+    Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+    optimizer_kwargs = dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr,
+                            matrix_lr=run.matrix_lr, scalar_lr=run.scalar_lr, weight_decay=run.weight_decay,
+                            init_lr_frac=run.init_lr_frac)
+    trainer = NanoChatGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs or gsm8k_accuracy,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        optimizer_kwargs=optimizer_kwargs,
+        tools=[python] if run.use_tools else None,
+    )
+    trainer.add_callback(LossLog(trainer))
+    trainer.train()
+    # <|python_end|> stops generation only inside the tool loop: the saved model's generate() runs whole turns.
+    model.generation_config.eos_token_id = eos_token_id
+    final = Path(run.output_dir) / "final"
+    if trainer.args.should_save:
+        save_atomically(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_rl_args(argv))
+
+
+if __name__ == "__main__":
+    main()
