@@ -5,6 +5,7 @@ import importlib
 import sys
 
 from .convert_cli import add_convert_parser
+from .speedrun import StageFailed
 from .tokenizer_cli import add_tokenizer_parser
 
 
@@ -28,8 +29,8 @@ def _init_main(args: argparse.Namespace) -> None:
 def _speedrun_main(args: argparse.Namespace) -> None:
     from .speedrun import run_speedrun
 
-    run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus,
-                 pretrain_steps=args.pretrain_steps)
+    run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus, max_steps=args.max_steps,
+                 rl=args.rl, accelerate_config=args.accelerate_config, eval_max_per_task=args.eval_max_per_task)
 
 
 # command -> (module whose `main(argv)` runs it, one-line summary)
@@ -73,13 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     speedrun = sub.add_parser(
         "speedrun",
         help="run every stage of a tier end to end into one run folder",
-        description="Chain the pipeline's stages for a tier into RUN_DIR. Finished stages are skipped on a "
-        "re-run. The cpu tier needs no download: it trains on the corpus embedded in Python itself.",
+        description="Chain the pipeline's stages for a tier into RUN_DIR: corpus, tokenizer, pretrain, midtrain, SFT, "
+        "(RL), with an evaluation after each training stage, then report.md. Finished stages are skipped on a "
+        "re-run; an interrupted pretraining or midtraining resumes from its last checkpoint. The cpu tier needs no "
+        "download: it pretrains on the documentation embedded in Python itself and fine-tunes on the project's own "
+        "generated conversations. GPU tiers launch each training stage with `accelerate launch` on every visible "
+        "GPU (recipes/<tier>/speedrun.sh shows the commands).",
     )
     speedrun.add_argument("--tier", choices=["cpu", "d12", "d20", "d26", "d32"], default="cpu", help="model tier")
     speedrun.add_argument("--run-dir", help="output folder (default runs/<tier>)")
     speedrun.add_argument("--corpus", help="text/jsonl/parquet file or folder to use instead of the tier's corpus")
-    speedrun.add_argument("--pretrain-steps", type=int, help="shorten pretraining to this many steps (smoke run)")
+    speedrun.add_argument("--max-steps", type=int, help="cap every training stage at this many steps (smoke run)")
+    speedrun.add_argument("--rl", action="store_true", help="add the RL stage (GRPO on GSM8K; arithmetic on cpu)")
+    speedrun.add_argument("--accelerate-config", help="launch the training stages with this accelerate config "
+                          "(default: plain python on cpu; single_gpu/ddp_8gpu on GPU tiers)")
+    speedrun.add_argument("--eval-max-per-task", type=int,
+                          help="items per evaluation task (default: the tier's; -1 all)")
     speedrun.set_defaults(func=_speedrun_main)
 
     # Stages with their own parsers (recipe dataclasses, the Space's flags): the rest of the command line is
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (ValueError, FileNotFoundError, NotImplementedError, StageFailed) as err:
         print(f"nanochat-hf {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 

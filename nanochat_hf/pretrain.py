@@ -134,6 +134,9 @@ class PretrainTrainer(Trainer):
         bpb = evaluate_bpb(self.model, self.val_stream_fn(), self.token_bytes)
         self.model.train()
         metrics = {f"{metric_key_prefix}_bpb": bpb}
+        if self.args.should_save:  # the report's bpb curve, beside losses.jsonl
+            with open(Path(self.args.output_dir) / "bpb.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.state.global_step, "bpb": bpb}) + "\n")
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -358,7 +361,8 @@ def train(run: PretrainArguments) -> Path:
     )
     trainer.add_callback(LossLog(trainer))
     if resume_from is not None and trainer.args.should_save:
-        _truncate_loss_log(Path(run.output_dir) / "losses.jsonl", int(resume_from.name.split("-")[1]))
+        for log_name in ("losses.jsonl", "bpb.jsonl"):
+            _truncate_loss_log(Path(run.output_dir) / log_name, int(resume_from.name.split("-")[1]))
     if rank == 0:
         print(f"[pretrain] {model.num_parameters():,} parameters; plan {json.dumps(asdict(plan))}", flush=True)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

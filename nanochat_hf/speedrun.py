@@ -1,82 +1,161 @@
 """The speedrun: every stage of the pipeline, in order, into one run folder.
 
-Built so far: corpus -> tokenizer -> pretraining (the base model). Later stages (midtraining, SFT, RL,
-evaluation, report) append themselves here. A stage whose output folder exists is skipped; an interrupted
-pretraining resumes from its last checkpoint.
+    corpus -> tokenizer -> pretrain -> eval base -> midtrain -> eval mid -> SFT -> eval sft -> (RL -> eval rl) -> report
+
+Each training or evaluation stage runs as its own process, exactly the command a user would type (under
+`accelerate launch` on GPU tiers; `recipes/<tier>/speedrun.sh` spells them out), with its output tee'd into
+`logs/<stage>.log`. A stage whose output exists is skipped on a re-run; an interrupted pretraining or midtraining
+resumes from its last checkpoint. The run folder:
+
+    corpus/ tokenizer/              the pretraining text (or a SOURCE file naming it) and the BPE
+    train/<stage>/                  trainer output: checkpoints, losses.jsonl, bpb.jsonl
+    base/ mid/ sft/ rl/             the models, each a save_pretrained folder with its eval_<stage>.json
+    logs/<stage>.log                every stage's output
+    speedrun.json                   tier, machine and per-stage timings (what the report reads)
+    report.md, report/*.png         the report card
 """
 
+import datetime
 import json
+import os
+import platform
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .data.embedded import embedded_corpus, write_corpus_shards
 from .data.pretrain import open_text_stream
-from .pretrain import parse_args, train
 from .tokenizer import train_tokenizer
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+ACCELERATE_CONFIGS = ROOT / "accelerate_configs"
 
 
 @dataclass(frozen=True)
 class Tier:
     vocab_size: int
     tokenizer_max_chars: int | None = 2_000_000_000
+    pretraining_text: str = "karpathy/climbmix-400b-shuffle"
+    # items per eval task (nanochat's max_per_task); -1 = all
+    eval_max_per_task: int = -1
+    eval_bpb_tokens: int = 20 * 524288
+    gpu: bool = True
 
 
 TIERS: dict[str, Tier] = {
-    "cpu": Tier(vocab_size=8192, tokenizer_max_chars=None),
+    # The embedded corpus (CPython's own docs), the project's own chat data, offline evaluations.
+    "cpu": Tier(vocab_size=8192, tokenizer_max_chars=None, pretraining_text="embedded", eval_max_per_task=64,
+                eval_bpb_tokens=65536, gpu=False),
     "d12": Tier(vocab_size=32768),
     "d20": Tier(vocab_size=32768),
     "d26": Tier(vocab_size=32768),
     "d32": Tier(vocab_size=32768),
 }
 
-
-def _stage(name: str, output: Path, fn: Callable[[], None], log: dict) -> None:
-    if output.exists():
-        print(f"[speedrun] {name}: done already ({output}), skipping", flush=True)
-        log[name] = {"skipped": True}
-        return
-    print(f"[speedrun] {name} ...", flush=True)
-    start = time.perf_counter()
-    fn()
-    log[name] = {"seconds": round(time.perf_counter() - start, 2)}
-    print(f"[speedrun] {name}: {log[name]['seconds']} s -> {output}", flush=True)
+# model folder and evaluation stage of each training stage
+MODELS = {"pretrain": "base", "midtrain": "mid", "sft": "sft", "rl": "rl"}
 
 
-def run_speedrun(tier: str, run_dir: str | Path, corpus: str | None = None, pretrain_steps: int | None = None) -> dict:
-    """Run every built stage of `tier` into `run_dir`; returns the per-stage timings.
+class StageFailed(RuntimeError):
+    """A stage's process exited with an error; its log says why."""
 
-    `corpus` replaces the tier's pretraining text (a folder of parquet/jsonl/txt files); `pretrain_steps`
-    shortens pretraining (a smoke run).
+
+def launcher(tier: Tier, accelerate_config: str | None = None) -> list[str]:
+    """The command prefix of the training stages: plain Python on CPU, `accelerate launch` on GPU tiers."""
+    if accelerate_config is None and not tier.gpu:
+        return [sys.executable, "-m"]
+    if accelerate_config is None:
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ValueError("this tier trains on GPUs but none is visible; use --tier cpu, or pass "
+                             "--accelerate-config accelerate_configs/cpu.yaml to run it on the CPU anyway")
+        name = "single_gpu.yaml" if gpus == 1 else "ddp_8gpu.yaml"
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ACCELERATE_CONFIGS / name), "--num_processes", str(gpus), "-m"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config, "-m"]
+
+
+def run_logged(command: list[str], log_path: Path, env: dict | None = None) -> None:
+    """Run `command`, echoing its output and keeping a copy in `log_path`; raise StageFailed if it fails."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, **(env or {})}, bufsize=1)
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        code = process.wait()
+    if code != 0:
+        raise StageFailed(f"`{' '.join(command[-6:])}` exited with {code}; see {log_path}")
+
+
+def run_speedrun(
+    tier: str,
+    run_dir: str | Path,
+    corpus: str | None = None,
+    max_steps: int | None = None,
+    rl: bool = False,
+    accelerate_config: str | None = None,
+    eval_max_per_task: int | None = None,
+) -> dict:
+    """Run every stage of `tier` into `run_dir`; returns the speedrun log (also written to speedrun.json).
+
+    `corpus` replaces the tier's pretraining text (a folder of parquet/jsonl/txt files or a Hub id); `max_steps`
+    caps every training stage (a smoke run); `rl` adds the GRPO stage.
     """
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
-    recipe = RECIPES / tier / "pretrain.yaml"
-    if not recipe.exists():
-        raise FileNotFoundError(f"{recipe} not found: run the speedrun from a checkout of nanochat-hf")
+    if not (RECIPES / tier / "pretrain.yaml").exists():
+        raise FileNotFoundError(f"{RECIPES / tier} not found: run the speedrun from a checkout of nanochat-hf")
     spec = TIERS[tier]
-    run_dir = Path(run_dir)
+    prefix = launcher(spec, accelerate_config)
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    log: dict = {"tier": tier, "spec": asdict(spec)}
-    corpus_dir, tokenizer_dir, base_dir = run_dir / "corpus", run_dir / "tokenizer", run_dir / "base"
+    log_file = run_dir / "speedrun.json"
+    log: dict = json.loads(log_file.read_text()) if log_file.exists() else {}
+    log.update(tier=tier, spec=asdict(spec), device="cuda" if torch.cuda.is_available() else "cpu",
+               gpus=torch.cuda.device_count(), python=platform.python_version())
+    log.setdefault("started", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    stages_log = log.setdefault("stages", {})
+    corpus_dir, tokenizer_dir = run_dir / "corpus", run_dir / "tokenizer"
+    per_task = spec.eval_max_per_task if eval_max_per_task is None else eval_max_per_task
+    env = {"TOKENIZERS_PARALLELISM": "false"}
 
-    def corpus_stage() -> None:
-        if corpus is not None:  # a given corpus is read where it is
-            corpus_dir.mkdir()
-            (corpus_dir / "SOURCE").write_text(str(Path(corpus).resolve()))
-        elif tier == "cpu":
-            write_corpus_shards(corpus_dir)
-        else:
-            corpus_dir.mkdir()
-            (corpus_dir / "SOURCE").write_text("karpathy/climbmix-400b-shuffle")
+    def stage(name: str, output: Path, fn: Callable[[], None]) -> None:
+        if output.exists():
+            print(f"[speedrun] {name}: done already ({output}), skipping", flush=True)
+            stages_log.setdefault(name, {})["skipped"] = True
+            return
+        print(f"[speedrun] {name} ...", flush=True)
+        start = time.perf_counter()
+        fn()
+        stages_log[name] = {"seconds": round(time.perf_counter() - start, 2), "log": f"logs/{name}.log"}
+        log_file.write_text(json.dumps(log, indent=2))
+        print(f"[speedrun] {name}: {stages_log[name]['seconds']} s -> {output}", flush=True)
 
     def data_source() -> str:
         source = corpus_dir / "SOURCE"
         return source.read_text() if source.exists() else str(corpus_dir)
+
+    def corpus_stage() -> None:
+        if corpus is not None:  # a given corpus is read where it is
+            corpus_dir.mkdir()
+            (corpus_dir / "SOURCE").write_text(corpus if not Path(corpus).exists() else str(Path(corpus).resolve()))
+        elif spec.pretraining_text == "embedded":
+            write_corpus_shards(corpus_dir)
+        else:
+            corpus_dir.mkdir()
+            (corpus_dir / "SOURCE").write_text(spec.pretraining_text)
 
     def tokenizer_stage() -> None:
         source = data_source()
@@ -90,17 +169,61 @@ def run_speedrun(tier: str, run_dir: str | Path, corpus: str | None = None, pret
         tokenizer.save_pretrained(staging)
         staging.rename(tokenizer_dir)
 
-    def pretrain_stage() -> None:
-        argv = ["--config", str(recipe), "--output_dir", str(run_dir / "pretrain"), "--tokenizer", str(tokenizer_dir),
-                "--dataset", data_source(), "--resume", "true"]
-        if pretrain_steps is not None:
-            argv += ["--num_iterations", str(pretrain_steps), "--eval_every", str(pretrain_steps),
-                     "--save_every", str(pretrain_steps)]
-        final = train(parse_args(argv))
-        final.rename(base_dir)
+    def training_stage(name: str, init_from: Path | None) -> Callable[[], None]:
+        def run() -> None:
+            work = run_dir / "train" / name
+            argv = ["--config", str(RECIPES / tier / f"{name}.yaml"), "--output_dir", str(work)]
+            if name == "pretrain":
+                argv += ["--tokenizer", str(tokenizer_dir), "--dataset", data_source()]
+            else:
+                argv += ["--init_from", str(init_from)]
+            if name in ("pretrain", "midtrain"):
+                argv += ["--resume", "true"]
+            if max_steps is not None:
+                argv += ["--num_iterations", str(max_steps)]
+                if name != "rl":
+                    argv += ["--eval_every", str(max_steps)]
+                if name in ("pretrain", "midtrain"):
+                    argv += ["--save_every", str(max_steps)]
+            run_logged([*prefix, f"nanochat_hf.{name}", *argv], run_dir / "logs" / f"{name}.log", env)
+            (work / "final").rename(run_dir / MODELS[name])
 
-    _stage("corpus", corpus_dir, corpus_stage, log)
-    _stage("tokenizer", tokenizer_dir, tokenizer_stage, log)
-    _stage("pretrain", base_dir, pretrain_stage, log)
-    (run_dir / "speedrun.json").write_text(json.dumps(log, indent=2))
+        return run
+
+    def eval_stage(model: str) -> Callable[[], None]:
+        def run() -> None:
+            argv = ["--model", str(run_dir / model), "--stage", model, "--max-per-task", str(per_task)]
+            if model == "base":
+                argv += ["--bpb-data", data_source(), "--bpb-tokens", str(spec.eval_bpb_tokens)]
+            if tier == "cpu":
+                argv += ["--tier", "cpu"]
+            run_logged([sys.executable, "-m", "nanochat_hf.evaluate", *argv], run_dir / "logs" / f"eval_{model}.log",
+                       env)
+
+        return run
+
+    stage("corpus", corpus_dir, corpus_stage)
+    stage("tokenizer", tokenizer_dir, tokenizer_stage)
+    previous = None
+    for name in ("pretrain", "midtrain", "sft", "rl"):
+        if name == "rl" and not rl:
+            break
+        model = MODELS[name]
+        stage(name, run_dir / model, training_stage(name, previous))
+        stage(f"eval_{model}", run_dir / model / f"eval_{model}.json", eval_stage(model))
+        previous = run_dir / model
+
+    def report_stage() -> None:
+        from .report import write_report
+
+        log_file.write_text(json.dumps(log, indent=2))
+        write_report(run_dir)
+
+    log.pop("report", None)
+    stages_log.pop("report", None)
+    report_start = time.perf_counter()
+    report_stage()  # always rewritten: it summarises whatever the run folder holds now
+    stages_log["report"] = {"seconds": round(time.perf_counter() - report_start, 2)}
+    log_file.write_text(json.dumps(log, indent=2))
+    print(f"[speedrun] report: {run_dir / 'report.md'}", flush=True)
     return log

@@ -50,6 +50,18 @@ def _print_stats(names: list[str], stats: list[dict[str, dict]]) -> None:
         print(row)
 
 
+def _texts(paths: list[str], text_column: str) -> Iterator[str]:
+    """Local files and folders, or a Hub dataset id (streamed train split) where no such path exists."""
+    from .data.pretrain import open_text_stream
+    from .tokenizer import iter_texts
+
+    for path in paths:
+        if Path(path).exists():
+            yield from iter_texts([path], text_column)
+        else:
+            yield from (row["text"] for row in open_text_stream(path, split="train", text_column=text_column))
+
+
 def train_main(args: argparse.Namespace) -> None:
     """Train a tokenizer as described by the `tokenizer train` arguments and save it to args.out."""
     from .data.embedded import embedded_corpus, embedded_corpus_info
@@ -60,7 +72,7 @@ def train_main(args: argparse.Namespace) -> None:
         raise ValueError(f"{out}: exists and is not an empty folder; pass --overwrite to replace it")
     doc_cap = args.doc_cap or None
     max_chars = args.max_chars or None
-    source = iter_texts(args.data, args.text_column) if args.data else embedded_corpus()
+    source = _texts(args.data, args.text_column) if args.data else embedded_corpus()
     totals = {"documents": 0, "characters": 0}
     start = time.perf_counter()
     docs = _count(_capped_docs(source, doc_cap, max_chars), totals)
@@ -155,7 +167,8 @@ def add_tokenizer_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         "--data",
         nargs="+",
         metavar="PATH",
-        help="text files or folders (.txt, .jsonl, .parquet); default: embedded corpus",
+        help="text files or folders (.txt, .jsonl, .parquet) or a Hub dataset id (its train split, streamed); "
+        "default: embedded corpus",
     )
     train.add_argument(
         "--text-column", default="text", help="column holding the text in .jsonl/.parquet (default: text)"

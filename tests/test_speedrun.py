@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat_hf.cli import build_parser, main
-from nanochat_hf.speedrun import TIERS, run_speedrun
+from nanochat_hf.speedrun import ROOT, TIERS, run_speedrun
 
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -20,48 +20,87 @@ def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-def _check_run(run_dir, steps: int) -> None:
+def _check_run(run_dir, steps: int, stages=("pretrain", "midtrain", "sft")) -> None:
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "base", trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "sft", trust_remote_code=True)
     assert model.config.vocab_size == len(tokenizer) and model.config.num_hidden_layers == 4
     assert model.config.max_position_embeddings == 512
     log = json.loads((run_dir / "speedrun.json").read_text())
-    assert set(log) >= {"corpus", "tokenizer", "pretrain"}
-    losses = [json.loads(line)["loss"] for line in (run_dir / "pretrain" / "losses.jsonl").read_text().splitlines()]
-    assert len(losses) == steps and losses[-1] < losses[0]
-    ids = AutoTokenizer.from_pretrained(run_dir / "base")("Hello", return_tensors="pt").input_ids
-    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    expected = {"corpus", "tokenizer", "pretrain", "eval_base", "midtrain", "eval_mid", "sft", "eval_sft", "report"}
+    assert set(log["stages"]) >= expected
+    for name in expected - {"corpus", "tokenizer", "report"}:
+        assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0, name  # every stage's output is kept
+    for stage in stages:
+        losses = [json.loads(line)["loss"]
+                  for line in (run_dir / "train" / stage / "losses.jsonl").read_text().splitlines()]
+        assert len(losses) == steps, stage
+    for model_dir, stage in (("base", "base"), ("mid", "mid"), ("sft", "sft")):
+        assert json.loads((run_dir / model_dir / f"eval_{stage}.json").read_text())["stage"] == stage
+    report = (run_dir / "report.md").read_text()
+    assert "CORE" in report and "ChatCORE" in report
+    ids = AutoTokenizer.from_pretrained(run_dir / "sft")("Hello", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] <= ids.shape[1] + 3
 
 
 def test_speedrun_cpu_smoke_run_and_rerun(tmp_path):
     run_dir = tmp_path / "run"
-    result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir), "--pretrain-steps", "4")
+    result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir), "--max-steps", "2",
+                  "--eval-max-per-task", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((run_dir / "corpus").glob("shard_*.jsonl"))) == 4
     assert len(AutoTokenizer.from_pretrained(run_dir / "tokenizer")) == TIERS["cpu"].vocab_size
-    _check_run(run_dir, steps=4)
-    # a re-run skips the finished stages and leaves them untouched
+    _check_run(run_dir, steps=2)
+    # a re-run skips the finished stages, leaves them untouched, and rewrites the report
     before = (run_dir / "base" / "model.safetensors").stat().st_mtime_ns
-    again = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir), "--pretrain-steps", "4")
-    assert again.returncode == 0 and again.stdout.count("skipping") == 3
+    again = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir), "--max-steps", "2")
+    assert again.returncode == 0 and again.stdout.count("skipping") == 8
     assert (run_dir / "base" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_failing_stage_stops_the_run_and_names_its_log(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "corpus").mkdir(parents=True)  # a corpus folder with nothing in it: pretraining has no data
+    result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir), "--max-steps", "2")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "logs/pretrain.log" in result.stderr and "no .parquet, .jsonl, .txt files found" in (run_dir / "logs" / "pretrain.log").read_text()
+    assert not (run_dir / "base").exists() and not (run_dir / "mid").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_speedrun_cpu_full(tmp_path):
-    """`make speedrun-cpu` as it is: the whole CPU tier on the embedded corpus."""
+    """`make speedrun-cpu` as it is: the whole CPU tier, offline, within 15 minutes on 2 cores."""
     result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
-    _check_run(tmp_path / "run", steps=100)
+    _check_run(tmp_path / "run", steps=100, stages=("pretrain",))
+    log = json.loads((tmp_path / "run" / "speedrun.json").read_text())
+    assert sum(s.get("seconds", 0) for s in log["stages"].values()) <= 15 * 60
 
 
 def test_speedrun_on_a_given_corpus_and_unknown_tier(tmp_path):
-    corpus = _tiny_corpus(tmp_path)
-    log = run_speedrun("cpu", tmp_path / "run", corpus=str(corpus), pretrain_steps=2)
-    assert log["tokenizer"]["seconds"] >= 0 and (tmp_path / "run" / "base" / "config.json").exists()
     with pytest.raises(ValueError, match="unknown tier 'd99'"):
         run_speedrun("d99", tmp_path / "other")
+
+
+def test_gpu_tiers_say_what_to_do_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ValueError, match="--tier cpu"):
+        run_speedrun("d20", tmp_path / "d20")
+
+
+@pytest.mark.parametrize("tier", sorted(TIERS))
+def test_speedrun_scripts_run_every_stage_with_the_tiers_recipes(tier):
+    script = (ROOT / "recipes" / tier / "speedrun.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "recipes" / tier / "speedrun.sh")]).returncode == 0
+    for stage in ("pretrain", "midtrain", "sft", "rl"):
+        assert f"nanochat_hf.{stage} --config recipes/{tier}/{stage}.yaml" in script
+        assert (ROOT / "recipes" / tier / f"{stage}.yaml").exists()
+    for stage in ("base", "mid", "sft", "rl"):
+        assert f"eval --model \"$RUN/{stage}\" --stage {stage}" in script
+    assert "nanochat-hf report" in script
+    if tier != "cpu":
+        assert "accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml" in script
 
 
 def test_init_command(tmp_path):

@@ -1,0 +1,183 @@
+"""`nanochat-hf eval`: evaluate one checkpoint folder for its stage and write the results JSON.
+
+* base: CORE (nanochat's 22 DCLM tasks from the eval bundle, our batched scorer -- the same verdict code the
+  lighteval tasks in evals/core.py use) and validation bits per byte (data/pretrain.py's ``evaluate_bpb``).
+* mid / sft / rl: the chat evaluations and ChatCORE, through the runners in ``CHAT_EVALS`` (see below).
+
+``--max-per-task N`` is nanochat's max_per_task (the first N items of each task after its fixed shuffle), so the
+CPU tier evaluates in seconds. Results go to ``<model>/eval_<stage>.json`` unless ``--output`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .evaluation.core import evaluate_core
+
+STAGES = ("base", "mid", "sft", "rl")
+# Chat-stage evaluators, name -> fn(model, tokenizer, max_per_task=..., batch_size=...) -> {"accuracy": float, ...},
+# with each one's random baseline for ChatCORE (nanochat-spec.md §5.3). The chat evals register here.
+CHAT_EVALS: dict[str, tuple[Callable[..., dict], float]] = {}
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def validation_bpb(model, tokenizer, data: str, tokens: int, batch_size: int = 8) -> dict:
+    """nanochat's validation bits per byte over about `tokens` tokens of `data`'s validation split."""
+    from .data.pretrain import PretrainStream, evaluate_bpb
+    from .tokenizer import token_bytes
+
+    seq_len = model.config.max_position_embeddings
+    batches = max(1, math.ceil(tokens / (batch_size * seq_len)))
+    stream = PretrainStream(data, tokenizer, batch_size=batch_size, seq_len=seq_len, split="val",
+                            num_workers=0, max_batches=batches)
+    bpb = evaluate_bpb(model, stream, token_bytes(tokenizer))
+    return {"val_bpb": bpb, "tokens": batches * batch_size * seq_len, "data": data}
+
+
+def chatcore(accuracies: dict[str, float], baselines: dict[str, float]) -> float:
+    """ChatCORE: mean over tasks of (accuracy - baseline) / (1 - baseline)."""
+    return sum((accuracies[t] - baselines[t]) / (1 - baselines[t]) for t in accuracies) / len(accuracies)
+
+
+def _chat_results(model, tokenizer, max_per_task: int, batch_size: int) -> dict:
+    if not CHAT_EVALS:
+        try:
+            from .evaluation import chat  # noqa: F401  (registers the chat evaluators into CHAT_EVALS)
+        except ImportError as e:
+            raise RuntimeError(
+                f"the chat evaluations are not available ({e}); they need nanochat_hf.tasks and nanochat_hf.engine"
+            ) from e
+    results, baselines = {}, {}
+    for name, (run, baseline) in CHAT_EVALS.items():
+        results[name] = run(model, tokenizer, max_per_task=max_per_task, batch_size=batch_size)
+        baselines[name] = baseline
+    accuracies = {name: r["accuracy"] for name, r in results.items()}
+    return {"tasks": results, "chatcore": chatcore(accuracies, baselines)}
+
+
+def default_output(model_dir: str, stage: str) -> Path:
+    path = Path(model_dir).expanduser()
+    return (path if path.is_dir() else Path.cwd()) / f"eval_{stage}.json"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)  # never a half-written results file
+
+
+def evaluate_checkpoint(
+    model_dir: str,
+    stage: str = "base",
+    *,
+    bundle: str | None = None,
+    max_per_task: int = -1,
+    batch_size: int = 8,
+    core_tasks: list[str] | None = None,
+    bpb_data: str | None = None,
+    bpb_tokens: int = 20 * 524288,
+    device: str | None = None,
+    dtype: str = "auto",
+    output: str | os.PathLike | None = None,
+) -> dict:
+    """Evaluate the checkpoint `model_dir` (folder or Hub repo id) for `stage`; write and return the results.
+
+    base: CORE (+ bits per byte on `bpb_data`'s validation split when given); mid/sft/rl: chat evals + ChatCORE."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: use one of {', '.join(STAGES)}")
+    path = Path(model_dir).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); pass a save_pretrained folder")
+    torch_device = _resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
+                                                 dtype=_resolve_dtype(dtype, torch_device))
+    model.to(torch_device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    started = time.perf_counter()
+    results: dict = {"model": str(model_dir), "stage": stage, "max_per_task": max_per_task}
+    if stage == "base":
+        results["core"] = evaluate_core(model, tokenizer, bundle, max_per_task=max_per_task, tasks=core_tasks,
+                                        batch_size=batch_size)
+        if bpb_data is not None:
+            results["bpb"] = validation_bpb(model, tokenizer, bpb_data, bpb_tokens, batch_size)
+    else:
+        results["chat"] = _chat_results(model, tokenizer, max_per_task, batch_size)
+    results["seconds"] = time.perf_counter() - started
+    out = Path(output) if output is not None else default_output(model_dir, stage)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        _write_json(out, results)
+    results["output"] = str(out)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanochat-hf eval",
+        description="Evaluate a checkpoint for its stage (base: CORE + bits per byte; mid/sft/rl: chat evals + "
+        "ChatCORE) and write the results JSON beside it.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained) or Hub repo id")
+    parser.add_argument("--stage", choices=STAGES, default="base")
+    parser.add_argument("--bundle", help="CORE eval bundle: eval_bundle/ folder or eval_bundle.zip (default: "
+                        "$NANOCHAT_EVAL_BUNDLE, else downloaded once into the cache)")
+    parser.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1 = all, as nanochat)")
+    parser.add_argument("--tasks", help="comma-separated CORE task labels (default: all in the bundle)")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    parser.add_argument("--bpb-data", help="text dataset (Hub id or local folder) for validation bits per byte")
+    parser.add_argument("--bpb-tokens", type=int, default=20 * 524288, help="validation tokens for bits per byte")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    parser.add_argument("--output", help="results JSON path (default: <model>/eval_<stage>.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    results = evaluate_checkpoint(
+        args.model, args.stage, bundle=args.bundle, max_per_task=args.max_per_task, batch_size=args.batch_size,
+        core_tasks=args.tasks.split(",") if args.tasks else None, bpb_data=args.bpb_data,
+        bpb_tokens=args.bpb_tokens, device=args.device, dtype=args.dtype, output=args.output,
+    )
+    if "core" in results:
+        for label, acc in results["core"]["results"].items():
+            print(f"{label:<36} accuracy {acc:.4f}  centered {results['core']['centered_results'][label]:+.4f}")
+        print(f"CORE metric: {results['core']['core_metric']:.4f}")
+    if "bpb" in results:
+        print(f"validation bits per byte: {results['bpb']['val_bpb']:.4f}")
+    if "chat" in results:
+        for name, r in results["chat"]["tasks"].items():
+            print(f"{name:<16} accuracy {r['accuracy']:.4f}")
+        print(f"ChatCORE: {results['chat']['chatcore']:.4f}")
+    print(f"results written to {results['output']}")
+
+
+if __name__ == "__main__":
+    main()

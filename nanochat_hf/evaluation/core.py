@@ -1,0 +1,290 @@
+"""CORE (DCLM's 22-task ensemble) scored the way nanochat scores it, with batched forward passes.
+
+Per example (nanochat-spec.md §5.1):
+
+* prompts: `num_fewshot` other items of the pool, drawn with ``Random(1234 + idx)``, each rendered as its solved
+  form and followed by a blank line, then the item itself. Multiple choice: one prompt per choice; schema: one
+  per context option (same continuation); language modelling: the prompt without (stripped) and with the
+  continuation.
+* tokens: BOS + the prompt encoded as ordinary text.
+* span: multiple choice, what follows the token prefix common to all choices; schema, the token suffix common to
+  all options; language modelling, what follows the without-continuation prompt.
+* verdict: MC/schema pick the option with the lowest mean cross-entropy over its span (Python's ``min`` and
+  ``list.index``, so NaN behaves as in nanochat); LM is right iff the greedy prediction reproduces every span token.
+
+Accuracy per task, centered by the task's random baseline; CORE is the mean of the centered accuracies.
+
+The batched scorer packs the sequences of several examples into one right-padded forward pass (a causal model's
+earlier positions never see the padding) and computes logits only at the positions a span needs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from .bundle import CoreTask, load_core_tasks, load_task_data, resolve_bundle
+
+FEWSHOT_SEED = 1234
+
+
+class CoreScoringError(ValueError):
+    """An example cannot be scored as nanochat would (its prompt breaks one of nanochat's assumptions)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts (nanochat renders these with Jinja; str() matches how Jinja prints a field)
+
+
+def fewshot_examples(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
+    if num_fewshot <= 0:
+        return []
+    others = [i for i in range(len(data)) if i != idx]
+    return [data[i] for i in random.Random(FEWSHOT_SEED + idx).sample(others, num_fewshot)]
+
+
+def render_prompts(item: dict, task_type: str, delimiter: str, fewshot: list[dict]) -> list[str]:
+    """nanochat's prompts for one item: MC one per choice, schema one per context option, LM [without, with]."""
+    if task_type == "multiple_choice":
+        shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+        return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+    if task_type == "schema":
+        shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        return [f"{shots}{option}{delimiter}{item['continuation']}" for option in item["context_options"]]
+    if task_type == "language_modeling":
+        shots = "".join(f"{str(ex['context']).strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        without = f"{shots}{str(item['context']).strip()}{delimiter}"
+        return [without.strip(), f"{without}{item['continuation']}"]
+    raise CoreScoringError(f"unsupported task type {task_type!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token spans
+
+
+@dataclass
+class ScoringRequest:
+    """One example as token sequences (BOS first) and the span [start, end) of each that is scored."""
+
+    task_type: str
+    sequences: list[list[int]]
+    starts: list[int]
+    ends: list[int]
+    gold: int | None = None
+
+
+def common_length(sequences: list[list[int]], from_end: bool = False) -> int:
+    """Length of the token prefix (or suffix) shared by all sequences."""
+    shortest = min(len(s) for s in sequences)
+    for i in range(shortest):
+        pos = -1 - i if from_end else i
+        token = sequences[0][pos]
+        if any(s[pos] != token for s in sequences):
+            return i
+    return shortest
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """BOS + each text encoded as nanochat does: special-token strings in the text are ordinary text."""
+    ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [[tokenizer.bos_token_id, *row] for row in ids]
+
+
+def make_request(
+    task: CoreTask, prompts: list[str], tokens: list[list[int]], gold: int | None, max_seq_len: int | None = None
+) -> ScoringRequest:
+    if task.task_type == "multiple_choice":
+        start = common_length(tokens)
+        starts, ends = [start] * len(tokens), [len(t) for t in tokens]
+    elif task.task_type == "schema":
+        suffix = common_length(tokens, from_end=True)
+        ends = [len(t) for t in tokens]
+        starts = [e - suffix for e in ends]
+    else:
+        without, with_ = tokens
+        if not (len(without) < len(with_) and with_[: len(without)] == without):
+            raise CoreScoringError(
+                f"{task.label}: the prompt without its continuation does not tokenize to a prefix of the prompt "
+                f"with it ({prompts[0][-40:]!r} | {prompts[1][len(prompts[0]) - 40:]!r})"
+            )
+        tokens, starts, ends = [with_], [len(without)], [len(with_)]
+    if max_seq_len is not None:
+        # nanochat's crop for models with a context limit: keep the last max_seq_len tokens, shift the spans
+        cropped = [max(0, len(t) - max_seq_len) for t in tokens]
+        tokens = [t[c:] for t, c in zip(tokens, cropped, strict=True)]
+        starts = [s - c for s, c in zip(starts, cropped, strict=True)]
+        ends = [e - c for e, c in zip(ends, cropped, strict=True)]
+        if min(starts) < 1:
+            raise CoreScoringError(f"{task.label}: a continuation is longer than max_seq_len={max_seq_len}")
+    return ScoringRequest(task.task_type, tokens, starts, ends, gold)
+
+
+def build_requests(
+    task: CoreTask,
+    data: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    indices: range | list[int] | None = None,
+    max_seq_len: int | None = None,
+) -> list[ScoringRequest]:
+    """The scoring requests of the items `indices` (default: all) of the pool `data`."""
+    indices = range(len(data)) if indices is None else indices
+    prompt_lists = [
+        render_prompts(data[i], task.task_type, task.continuation_delimiter,
+                       fewshot_examples(data, i, task.num_fewshot))
+        for i in indices
+    ]
+    flat = encode_batch(tokenizer, [p for prompts in prompt_lists for p in prompts])
+    requests, pos = [], 0
+    for i, prompts in zip(indices, prompt_lists, strict=True):
+        tokens, pos = flat[pos : pos + len(prompts)], pos + len(prompts)
+        gold = data[i].get("gold") if task.task_type != "language_modeling" else None
+        requests.append(make_request(task, prompts, tokens, gold, max_seq_len))
+    return requests
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class ExampleResult:
+    correct: bool
+    scores: list[float] = field(default_factory=list)  # MC/schema: mean CE per option; LM: empty
+    prediction: int | None = None
+
+
+def verdict(request: ScoringRequest, mean_losses: list[float], greedy_ok: list[bool]) -> ExampleResult:
+    """nanochat's decision from per-option mean CE (MC/schema) or the greedy check of the one LM sequence."""
+    if request.task_type == "language_modeling":
+        return ExampleResult(correct=bool(greedy_ok[0]))
+    pred = mean_losses.index(min(mean_losses))
+    return ExampleResult(correct=pred == request.gold, scores=mean_losses, prediction=pred)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def score_requests(
+    model: torch.nn.Module, requests: list[ScoringRequest], batch_size: int = 8, pad_token_id: int = 0
+) -> list[ExampleResult]:
+    """Score `requests` with `batch_size` examples per forward pass; results in the order of `requests`.
+
+    Examples are grouped by length so that little of each batch is padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    keep_logits = _accepts_logits_to_keep(model)
+    order = sorted(range(len(requests)), key=lambda i: max(len(s) for s in requests[i].sequences))
+    results: list[ExampleResult | None] = [None] * len(requests)
+    for b in range(0, len(order), batch_size):
+        group = [requests[i] for i in order[b : b + batch_size]]
+        rows = [(r, k) for r in group for k in range(len(r.sequences))]
+        width = max(len(r.sequences[k]) for r, k in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        for j, (r, k) in enumerate(rows):
+            input_ids[j, : len(r.sequences[k])] = torch.tensor(r.sequences[k])
+        # logits at position p predict token p+1: a span [s, e) needs positions s-1 .. e-2
+        needed = sorted({p for r, k in rows for p in range(r.starts[k] - 1, r.ends[k] - 1)})
+        kwargs = {}
+        if keep_logits and needed:
+            kwargs["logits_to_keep"] = torch.tensor(needed, device=device)
+            column = {p: c for c, p in enumerate(needed)}
+        else:
+            column = {p: p for p in range(width)}
+        logits = model(input_ids=input_ids.to(device), **kwargs).logits.float()
+        per_request: dict[int, tuple[list[float], list[bool]]] = {}
+        for j, (r, k) in enumerate(rows):
+            s, e = r.starts[k], r.ends[k]
+            cols = torch.tensor([column[p] for p in range(s - 1, e - 1)], dtype=torch.long, device=logits.device)
+            row_logits = logits[j, cols]
+            targets = input_ids[j, s:e].to(logits.device)
+            losses = F.cross_entropy(row_logits, targets, reduction="none")
+            mean = losses.mean().item() if len(targets) else math.nan
+            greedy = bool(torch.equal(row_logits.argmax(-1), targets))
+            means, greedies = per_request.setdefault(id(r), ([], []))
+            means.append(mean)
+            greedies.append(greedy)
+        for i in order[b : b + batch_size]:
+            results[i] = verdict(requests[i], *per_request[id(requests[i])])
+    return results  # type: ignore[return-value]
+
+
+def centered(accuracy: float, random_baseline_percent: float) -> float:
+    baseline = 0.01 * random_baseline_percent
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def evaluate_task(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: CoreTask,
+    data: list[dict],
+    num_eval: int | None = None,
+    batch_size: int = 8,
+    max_seq_len: int | None = None,
+) -> list[bool]:
+    """Per-example correctness of the first `num_eval` items of the pool. Under torch.distributed each rank takes
+    every world_size-th item and the verdicts are summed across ranks, as nanochat does."""
+    num_eval = len(data) if num_eval is None else num_eval
+    rank, world = _distributed()
+    mine = list(range(rank, num_eval, world))
+    requests = build_requests(task, data, tokenizer, mine, max_seq_len)
+    pad = tokenizer.bos_token_id  # nanochat pads with BOS; any id works for a causal model with right padding
+    results = score_requests(model, requests, batch_size, pad)
+    correct = torch.zeros(num_eval, dtype=torch.float32, device=next(model.parameters()).device)
+    for i, res in zip(mine, results, strict=True):
+        correct[i] = float(res.correct)
+    if world > 1:
+        torch.distributed.all_reduce(correct)
+    return [bool(c) for c in correct.tolist()]
+
+
+def evaluate_core(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    bundle: str | os.PathLike | None = None,
+    max_per_task: int = -1,
+    tasks: list[str] | None = None,
+    batch_size: int = 8,
+    max_seq_len: int | None = None,
+) -> dict:
+    """CORE of `model`: ``{"results": {label: accuracy}, "centered_results": {label: centered},
+    "core_metric": mean centered, "examples": {label: n}, "seconds": s}``. `tasks` picks a subset by label (CORE
+    then averages only those)."""
+    bundle_dir = resolve_bundle(bundle)
+    all_tasks = load_core_tasks(bundle_dir)
+    if tasks is not None:
+        unknown = sorted(set(tasks) - {t.label for t in all_tasks})
+        if unknown:
+            raise ValueError(f"unknown CORE task(s) {unknown}; the bundle has {[t.label for t in all_tasks]}")
+        all_tasks = [t for t in all_tasks if t.label in tasks]
+    model.eval()
+    out = {"results": {}, "centered_results": {}, "examples": {}, "bundle": str(Path(bundle_dir))}
+    start = time.perf_counter()
+    for task in all_tasks:
+        data, num_eval = load_task_data(bundle_dir, task, max_per_task)
+        correct = evaluate_task(model, tokenizer, task, data, num_eval, batch_size, max_seq_len)
+        accuracy = sum(correct) / len(correct)
+        out["results"][task.label] = accuracy
+        out["centered_results"][task.label] = centered(accuracy, task.random_baseline)
+        out["examples"][task.label] = len(correct)
+    out["core_metric"] = sum(out["centered_results"].values()) / len(out["centered_results"])
+    out["seconds"] = time.perf_counter() - start
+    return out
