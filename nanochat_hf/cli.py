@@ -41,6 +41,7 @@ PASS_THROUGH = {
     "sft": ("sft", "supervised fine-tuning through TRL's SFTTrainer: --config recipes/<tier>/sft.yaml"),
     "rl": ("rl", "RL on GSM8K through TRL's GRPOTrainer: --config recipes/<tier>/rl.yaml"),
     "eval": ("evaluate", "evaluate a checkpoint for its stage (CORE + bpb, or the chat tasks) and write results JSON"),
+    "report": ("report", "write report.md (tables, timings, cost, loss/bpb plots) for a speedrun folder"),
     "chat": ("chat_cli", "chat with a model in the terminal (streaming, tool use); -p PROMPT answers once"),
     "serve": ("serve", "serve the chat Space (Gradio) locally for a model folder or repo id"),
     "push": ("hub", "push a model (weights, code, tokenizer, model card) and optionally its Space to the Hub"),

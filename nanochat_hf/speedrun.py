@@ -31,6 +31,7 @@ import torch
 
 from .data.embedded import embedded_corpus, write_corpus_shards
 from .data.pretrain import open_text_stream
+from .report import git_state, write_report
 from .tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,7 @@ def run_speedrun(
     log.update(tier=tier, spec=asdict(spec), device="cuda" if torch.cuda.is_available() else "cpu",
                gpus=torch.cuda.device_count(), python=platform.python_version())
     log.setdefault("started", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    log.setdefault("git", git_state(ROOT))  # the code the run started with, not the checkout at report time
     stages_log = log.setdefault("stages", {})
     corpus_dir, tokenizer_dir = run_dir / "corpus", run_dir / "tokenizer"
     per_task = spec.eval_max_per_task if eval_max_per_task is None else eval_max_per_task
@@ -213,17 +215,9 @@ def run_speedrun(
         stage(f"eval_{model}", run_dir / model / f"eval_{model}.json", eval_stage(model))
         previous = run_dir / model
 
-    def report_stage() -> None:
-        from .report import write_report
-
-        log_file.write_text(json.dumps(log, indent=2))
-        write_report(run_dir)
-
-    log.pop("report", None)
+    # The report is always rewritten: it summarises whatever the run folder holds now.
     stages_log.pop("report", None)
-    report_start = time.perf_counter()
-    report_stage()  # always rewritten: it summarises whatever the run folder holds now
-    stages_log["report"] = {"seconds": round(time.perf_counter() - report_start, 2)}
     log_file.write_text(json.dumps(log, indent=2))
+    write_report(run_dir)
     print(f"[speedrun] report: {run_dir / 'report.md'}", flush=True)
     return log

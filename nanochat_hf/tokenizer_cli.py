@@ -65,7 +65,7 @@ def _texts(paths: list[str], text_column: str) -> Iterator[str]:
 def train_main(args: argparse.Namespace) -> None:
     """Train a tokenizer as described by the `tokenizer train` arguments and save it to args.out."""
     from .data.embedded import embedded_corpus, embedded_corpus_info
-    from .tokenizer import _capped_docs, compression_stats, iter_texts, train_tokenizer
+    from .tokenizer import _capped_docs, compression_stats, train_tokenizer
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
