@@ -2,7 +2,13 @@
 
 * base: CORE (nanochat's 22 DCLM tasks from the eval bundle, our batched scorer -- the same verdict code the
   lighteval tasks in evals/core.py use) and validation bits per byte (data/pretrain.py's ``evaluate_bpb``).
-* mid / sft / rl: the chat evaluations and ChatCORE, through the runners in ``CHAT_EVALS`` (see below).
+* mid / sft / rl: the chat evaluations and ChatCORE, through the runners in ``CHAT_EVALS`` (see below), and the
+  chat-format metrics (``ends_turn_rate``, ``calculator_rate``) over the generated replies.
+
+``--tier cpu`` runs offline: the chat stages evaluate the project's own generators (``CPU_CHAT_EVALS``: arithmetic
+with the calculator, spelling) instead of the Hub tasks, and the base stage scores CORE only when an eval bundle is
+at hand (``--bundle``, ``$NANOCHAT_EVAL_BUNDLE`` or the cache), else bits per byte alone. Any other tier (default
+d20) evaluates nanochat's Hub tasks.
 
 ``--max-per-task N`` is nanochat's max_per_task (the first N items of each task after its fixed shuffle), so the
 CPU tier evaluates in seconds. Results go to ``<model>/eval_<stage>.json`` unless ``--output`` says otherwise.
@@ -22,12 +28,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .evaluation.bundle import BUNDLE_ENV, cache_dir
 from .evaluation.core import evaluate_core
 
 STAGES = ("base", "mid", "sft", "rl")
-# Chat-stage evaluators, name -> fn(model, tokenizer, max_per_task=..., batch_size=...) -> {"accuracy": float, ...},
-# with each one's random baseline for ChatCORE (nanochat-spec.md §5.3). The chat evals register here.
+TIERS = ("cpu", "d12", "d20", "d26", "d32")
+# Chat-stage evaluators, name -> fn(model, tokenizer, max_per_task=..., batch_size=..., data_dir=..., max_tokens=...)
+# -> {"accuracy": float, ...}, with each one's random baseline for ChatCORE (nanochat-spec.md §5.3). The chat evals
+# (nanochat_hf/evaluation/chat.py) register here: nanochat's Hub tasks, and the CPU tier's offline tasks.
 CHAT_EVALS: dict[str, tuple[Callable[..., dict], float]] = {}
+CPU_CHAT_EVALS: dict[str, tuple[Callable[..., dict], float]] = {}
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -63,20 +73,31 @@ def chatcore(accuracies: dict[str, float], baselines: dict[str, float]) -> float
     return sum((accuracies[t] - baselines[t]) / (1 - baselines[t]) for t in accuracies) / len(accuracies)
 
 
-def _chat_results(model, tokenizer, max_per_task: int, batch_size: int) -> dict:
-    if not CHAT_EVALS:
-        try:
-            from .evaluation import chat  # noqa: F401  (registers the chat evaluators into CHAT_EVALS)
-        except ImportError as e:
-            raise RuntimeError(
-                f"the chat evaluations are not available ({e}); they need nanochat_hf.tasks and nanochat_hf.engine"
-            ) from e
+def _chat_results(model, tokenizer, max_per_task: int, batch_size: int, tier: str = "d20",
+                  data_dir: str | None = None, max_tokens: int | None = None) -> dict:
+    try:
+        from .evaluation import chat  # registers the chat evaluators into CHAT_EVALS / CPU_CHAT_EVALS
+    except ImportError as e:
+        raise RuntimeError(
+            f"the chat evaluations are not available ({e}); they need nanochat_hf.tasks and nanochat_hf.engine"
+        ) from e
+    evals = CPU_CHAT_EVALS if tier == "cpu" else CHAT_EVALS
+    if not evals:
+        raise RuntimeError(f"no chat evaluations are registered for tier {tier!r} in {__name__}")
     results, baselines = {}, {}
-    for name, (run, baseline) in CHAT_EVALS.items():
-        results[name] = run(model, tokenizer, max_per_task=max_per_task, batch_size=batch_size)
+    for name, (run, baseline) in evals.items():
+        results[name] = run(model, tokenizer, max_per_task=max_per_task, batch_size=batch_size, data_dir=data_dir,
+                            max_tokens=max_tokens)
         baselines[name] = baseline
     accuracies = {name: r["accuracy"] for name, r in results.items()}
-    return {"tasks": results, "chatcore": chatcore(accuracies, baselines)}
+    return {"tasks": results, "chatcore": chatcore(accuracies, baselines), "format": chat.format_metrics(results)}
+
+
+def local_bundle_available(bundle: str | None) -> bool:
+    """Whether CORE can run without a download: a bundle named, in $NANOCHAT_EVAL_BUNDLE, or already cached."""
+    cached = cache_dir() / "eval_bundle"
+    return bool(bundle or os.environ.get(BUNDLE_ENV)) or any(
+        (p / "core.yaml").is_file() for p in (cached, cached / "eval_bundle"))
 
 
 def default_output(model_dir: str, stage: str) -> Path:
@@ -106,12 +127,22 @@ def evaluate_checkpoint(
     device: str | None = None,
     dtype: str = "auto",
     output: str | os.PathLike | None = None,
+    tier: str = "d20",
+    data_dir: str | None = None,
+    max_tokens: int | None = None,
 ) -> dict:
     """Evaluate the checkpoint `model_dir` (folder or Hub repo id) for `stage`; write and return the results.
 
-    base: CORE (+ bits per byte on `bpb_data`'s validation split when given); mid/sft/rl: chat evals + ChatCORE."""
+    base: CORE (+ bits per byte on `bpb_data`'s validation split when given); mid/sft/rl: chat evals + ChatCORE.
+    `tier` "cpu" evaluates offline (see the module docstring); `data_dir` holds local copies of the Hub tasks
+    (`<data_dir>/<owner>/<name>`); `max_tokens` caps each generated reply (default 512, CPU tier 256)."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: use one of {', '.join(STAGES)}")
+    if tier not in TIERS:
+        raise ValueError(f"tier {tier!r}: use one of {', '.join(TIERS)}")
+    if stage == "base" and tier == "cpu" and bpb_data is None and not local_bundle_available(bundle):
+        raise ValueError("--tier cpu, base stage: no eval bundle at hand for CORE and no --bpb-data for bits per "
+                         f"byte; pass --bpb-data (a text folder), or --bundle / ${BUNDLE_ENV} for CORE")
     path = Path(model_dir).expanduser()
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); pass a save_pretrained folder")
@@ -121,14 +152,15 @@ def evaluate_checkpoint(
     model.to(torch_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     started = time.perf_counter()
-    results: dict = {"model": str(model_dir), "stage": stage, "max_per_task": max_per_task}
+    results: dict = {"model": str(model_dir), "stage": stage, "tier": tier, "max_per_task": max_per_task}
     if stage == "base":
-        results["core"] = evaluate_core(model, tokenizer, bundle, max_per_task=max_per_task, tasks=core_tasks,
-                                        batch_size=batch_size)
+        if tier != "cpu" or local_bundle_available(bundle):  # the CPU tier never downloads the bundle
+            results["core"] = evaluate_core(model, tokenizer, bundle, max_per_task=max_per_task, tasks=core_tasks,
+                                            batch_size=batch_size)
         if bpb_data is not None:
             results["bpb"] = validation_bpb(model, tokenizer, bpb_data, bpb_tokens, batch_size)
     else:
-        results["chat"] = _chat_results(model, tokenizer, max_per_task, batch_size)
+        results["chat"] = _chat_results(model, tokenizer, max_per_task, batch_size, tier, data_dir, max_tokens)
     results["seconds"] = time.perf_counter() - started
     out = Path(output) if output is not None else default_output(model_dir, stage)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -153,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     parser.add_argument("--bpb-data", help="text dataset (Hub id or local folder) for validation bits per byte")
     parser.add_argument("--bpb-tokens", type=int, default=20 * 524288, help="validation tokens for bits per byte")
+    parser.add_argument("--tier", choices=TIERS, default="d20",
+                        help="cpu: offline tasks from the project's generators (and CORE only with a local bundle); "
+                        "other tiers: nanochat's Hub tasks (default d20)")
+    parser.add_argument("--data-dir", help="local copies of the Hub chat tasks, <data-dir>/<owner>/<name> (as "
+                        "`hf download <repo> --repo-type dataset --local-dir` writes them)")
+    parser.add_argument("--max-tokens", type=int, help="token budget of each generated reply (default 512, cpu 256)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--output", help="results JSON path (default: <model>/eval_<stage>.json)")
@@ -164,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     results = evaluate_checkpoint(
         args.model, args.stage, bundle=args.bundle, max_per_task=args.max_per_task, batch_size=args.batch_size,
         core_tasks=args.tasks.split(",") if args.tasks else None, bpb_data=args.bpb_data,
-        bpb_tokens=args.bpb_tokens, device=args.device, dtype=args.dtype, output=args.output,
+        bpb_tokens=args.bpb_tokens, device=args.device, dtype=args.dtype, output=args.output, tier=args.tier,
+        data_dir=args.data_dir, max_tokens=args.max_tokens,
     )
     if "core" in results:
         for label, acc in results["core"]["results"].items():
@@ -174,10 +213,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"validation bits per byte: {results['bpb']['val_bpb']:.4f}")
     if "chat" in results:
         for name, r in results["chat"]["tasks"].items():
-            print(f"{name:<16} accuracy {r['accuracy']:.4f}")
+            extra = "".join(f"  {k} {r[k]:.4f}" for k in ("ends_turn_rate", "calculator_rate") if k in r)
+            print(f"{name:<16} accuracy {r['accuracy']:.4f}{extra}")
         print(f"ChatCORE: {results['chat']['chatcore']:.4f}")
+        for key, value in results["chat"]["format"].items():
+            if value is not None:
+                print(f"{key}: {value:.4f}")
     print(f"results written to {results['output']}")
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this __main__ copy's: the chat evals register into
+    # nanochat_hf.evaluate.CHAT_EVALS, which is a different dict from __main__.CHAT_EVALS.
+    from nanochat_hf.evaluate import main as package_main
+
+    package_main()

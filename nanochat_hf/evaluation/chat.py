@@ -1,0 +1,359 @@
+"""nanochat's chat evaluations (nanochat-spec.md §5.3) on a `NanoChatForCausalLM`, and the CPU tier's offline ones.
+
+* Categorical (ARC-Easy, ARC-Challenge, MMLU): the conversation up to the question, rendered for completion (it ends
+  with `<|assistant_start|>`), one forward pass for a batch of prompts right-padded with `<|bos|>`; at the last prompt
+  position, the logits restricted to the token ids of the offered letters; their argmax is the answer. No sampling.
+* Generative (GSM8K, HumanEval, SpellingBee): the Engine (KV cache, the calculator forced into python blocks) samples
+  `num_samples` replies (greedy by default, 512 tokens); an item passes if any reply passes. GSM8K and SpellingBee
+  compare the "#### N" answers; HumanEval runs prompt imports + the reply's program + the tests in the sandbox.
+* ChatCORE: the mean over tasks of (accuracy - baseline) / (1 - baseline), baselines 0.25 for the 4-way multiple
+  choice tasks and 0 for the generative ones.
+
+The CPU tier (`--tier cpu`) cannot download the Hub tasks; it evaluates the project's own generators on their test
+split (seeds offset by 10,000,000 from training's): Arithmetic (calculator calls, "#### N"), SimpleSpelling (exact
+reply) and SpellingBee (words from the Python docs, as the CPU mixtures use). Every generative task also reports the
+chat-format metrics the CPU speedrun is judged on: `ends_turn_rate`, the fraction of replies that end with
+`<|assistant_end|>` within the token budget, and (Arithmetic, GSM8K) `calculator_rate`, the fraction of replies that
+call the python tool.
+
+Importing this module registers the runners into `nanochat_hf.evaluate.CHAT_EVALS` (Hub tiers) and
+`CPU_CHAT_EVALS`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..engine import Engine
+from ..tasks import gsm8k_reward, load_task
+from ..tasks.mixtures import _REPOS as HUB_REPOS
+from ..tasks.mixtures import NANOCHAT_SHUFFLE_SEED
+from ..tasks.spelling import embedded_words, simple_spelling, spelling_bee
+from ..tools import run_python
+
+# nanochat's eval sets: split per Hub task; the generated tasks are evaluated on 256 items of their test split.
+HUB_SPLITS = {"arc_easy": "test", "arc_challenge": "test", "mmlu": "test", "gsm8k": "test", "humaneval": "test"}
+GENERATED_EVAL_SIZE = 256
+MAX_TOKENS = {"hub": 512, "cpu": 256}  # nanochat's -m 512; the CPU tier's replies are short (< 200 tokens)
+HUMANEVAL_TIMEOUT_S, HUMANEVAL_MEMORY_MB = 5.0, 256
+
+
+class ChatEvalError(ValueError):
+    """An eval item cannot be scored as nanochat scores it; the message names the task, item and fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def prompt_messages(messages: Sequence[dict]) -> list[dict]:
+    """The conversation up to and including its last user message: the reference reply (text, tool calls and tool
+    outputs) is what the model must produce."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise ChatEvalError("the conversation has no user message to answer")
+    return [dict(m) for m in messages[: last_user + 1]]
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) -> list[int]:
+    """nanochat's render_for_completion: `<|bos|>`, the turns, then `<|assistant_start|>`."""
+    return list(tokenizer.apply_chat_template(prompt_messages(messages), add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+
+
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase, letters: Sequence[str]) -> list[int]:
+    ids = []
+    for letter in letters:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ChatEvalError(f"answer letter {letter!r} is {len(encoded)} tokens; categorical scoring needs each "
+                                "letter to be one token (nanochat's tokenizer encodes A-Z and 0-9 as one each)")
+        ids.append(encoded[0])
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Categorical scoring
+
+
+@torch.inference_mode()
+def letter_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict],
+                    batch_size: int = 8) -> list[list[float]]:
+    """For each multiple-choice row (`messages`, `letters`): the log-probabilities of its letters' tokens right after
+    `<|assistant_start|>` (one forward pass per batch of prompts)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bos = tokenizer.convert_tokens_to_ids("<|bos|>")
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        prompts = [render_prompt(tokenizer, row["messages"]) for row in batch]
+        width = max(len(p) for p in prompts)
+        # Right padding with <|bos|> as nanochat: causal attention keeps it out of every real position's logits.
+        ids = torch.full((len(prompts), width), bos, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+        logits = model(input_ids=ids.to(device)).logits  # (B, T, V)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        answer = torch.log_softmax(logits[torch.arange(len(prompts), device=device), last].float(), dim=-1)  # (B, V)
+        for row, row_logprobs in zip(batch, answer, strict=True):
+            out.append(row_logprobs[letter_token_ids(tokenizer, row["letters"])].tolist())
+    return out
+
+
+def letter_predictions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict],
+                       batch_size: int = 8) -> list[str]:
+    """nanochat's categorical answer per row: the letter with the highest logit among the row's letters (the
+    log-softmax shifts all of them alike, so its argmax is the same)."""
+    scores = letter_logprobs(model, tokenizer, rows, batch_size)
+    return [row["letters"][max(range(len(s)), key=s.__getitem__)] for row, s in zip(rows, scores, strict=True)]
+
+
+def evaluate_multiple_choice(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
+                             *, batch_size: int = 8, details: bool = False, **_unused) -> dict:
+    """Accuracy of the categorical letter answers over `dataset` (rows with `messages`, `letters`, `answer`)."""
+    rows = list(dataset)
+    if not rows:
+        raise ChatEvalError("no items to evaluate (the dataset is empty, or --max-per-task is 0)")
+    predicted = letter_predictions(model, tokenizer, rows, batch_size)
+    correct = [p == row["answer"] for p, row in zip(predicted, rows, strict=True)]
+    result = {"accuracy": sum(correct) / len(rows), "examples": len(rows)}
+    if details:
+        result["items"] = [{"prediction": p, "answer": r["answer"], "correct": c}
+                           for p, r, c in zip(predicted, rows, correct, strict=True)]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class Reply:
+    """One generated reply: its tokens (prompt and terminal token excluded), its text (special tokens kept, so tool
+    blocks read as `<|python_start|>...`), and whether it ended its turn within the budget."""
+
+    tokens: list[int]
+    text: str
+    ended: bool
+    called_tool: bool
+
+
+def generate_replies(engine: Engine, prompt_ids: list[int], *, num_samples: int = 1, max_tokens: int = 512,
+                     temperature: float = 0.0, top_k: int | None = 50, seed: int = 42) -> list[Reply]:
+    """`num_samples` replies to one prompt through the Engine (the calculator runs inside python blocks)."""
+    tokens: list[list[int]] = [[] for _ in range(num_samples)]
+    stopped: list[int | None] = [None] * num_samples
+    for column, _ in engine.generate(prompt_ids, num_samples, max_tokens, temperature, top_k, seed):
+        for i, token in enumerate(column):
+            if stopped[i] is not None:
+                continue
+            if token in engine.stop_ids:
+                stopped[i] = token
+            else:
+                tokens[i].append(token)
+    python_start = engine.ids["python_start"]
+    return [
+        Reply(ids, engine.tokenizer.decode(ids, skip_special_tokens=False), stop == engine.ids["assistant_end"],
+              python_start in ids)
+        for ids, stop in zip(tokens, stopped, strict=True)
+    ]
+
+
+def evaluate_generative(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
+                        score: Callable[[dict, Reply], bool], *, num_samples: int = 1, max_tokens: int = 512,
+                        temperature: float = 0.0, top_k: int | None = 50, tool_rate: bool = False,
+                        details: bool = False, **_unused) -> dict:
+    """pass@`num_samples` accuracy of `score(row, reply)` over `dataset`, with `ends_turn_rate` (and, when
+    `tool_rate`, `calculator_rate`) over all replies."""
+    rows = list(dataset)
+    if not rows:
+        raise ChatEvalError("no items to evaluate (the dataset is empty, or --max-per-task is 0)")
+    engine = Engine(model, tokenizer)
+    passed, ended, called, items = 0, 0, 0, []
+    for row in rows:
+        replies = generate_replies(engine, render_prompt(tokenizer, row["messages"]), num_samples=num_samples,
+                                   max_tokens=max_tokens, temperature=temperature, top_k=top_k)
+        outcomes = [bool(score(row, reply)) for reply in replies]
+        passed += any(outcomes)
+        ended += sum(r.ended for r in replies)
+        called += sum(r.called_tool for r in replies)
+        if details:
+            items.append({"replies": [r.text for r in replies], "tokens": [r.tokens for r in replies],
+                          "ended": [r.ended for r in replies], "passed": outcomes})
+    total = len(rows) * num_samples
+    result = {"accuracy": passed / len(rows), "examples": len(rows), "replies": total, "ends_turn_rate": ended / total}
+    if tool_rate:
+        result["calculator_rate"] = called / total
+    if details:
+        result["items"] = items
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring of one reply
+
+
+def score_answer(row: dict, reply: Reply) -> bool:
+    """GSM8K / SpellingBee / Arithmetic: the reply's "#### N" equals the row's `answer`."""
+    return gsm8k_reward(reply.text, row["answer"]) == 1.0
+
+
+def score_exact(row: dict, reply: Reply) -> bool:
+    """SimpleSpelling: the reply is the reference reply ("word:w,o,r,d")."""
+    return reply.text.strip() == row["messages"][-1]["content"].strip()
+
+
+_CODE_BLOCK = re.compile(r"```(?:python)?[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def extract_program(text: str) -> str:
+    """The first fenced code block of a reply (```python or ```), else the whole reply."""
+    match = _CODE_BLOCK.search(text)
+    return (match.group(1) if match else text).strip()
+
+
+def prompt_imports(prompt: str) -> str:
+    """The import lines at the top of a HumanEval prompt, which a reply that restates only the function lacks."""
+    lines = []
+    for line in prompt.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("import ", "from ")):
+            lines.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(lines)
+
+
+def humaneval_program(row: dict, completion: str) -> str:
+    return (f"{prompt_imports(row['prompt'])}\n\n{extract_program(completion)}\n\n{row['test']}\n"
+            f"check({row['entry_point']})\n")
+
+
+def score_humaneval(row: dict, reply: Reply | str) -> bool:
+    """The reply's program passes the item's tests in the sandbox (nanochat: 5 s, 256 MB)."""
+    text = reply.text if isinstance(reply, Reply) else reply
+    return run_python(humaneval_program(row, text), timeout=HUMANEVAL_TIMEOUT_S, memory_mb=HUMANEVAL_MEMORY_MB).success
+
+
+# How each generative task scores a reply (also used by the lighteval tasks in lighteval_chat.py).
+GENERATIVE_SCORERS: dict[str, Callable[[dict, Reply], bool]] = {
+    "gsm8k": score_answer,
+    "humaneval": score_humaneval,
+    "spellingbee": score_answer,
+    "arithmetic": score_answer,
+    "simplespelling": score_exact,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eval sets
+
+
+def _first(dataset: datasets.Dataset, max_per_task: int) -> datasets.Dataset:
+    return dataset if max_per_task < 0 else dataset.select(range(min(max_per_task, len(dataset))))
+
+
+def _eval_size(max_per_task: int) -> int:
+    return GENERATED_EVAL_SIZE if max_per_task < 0 else min(GENERATED_EVAL_SIZE, max_per_task)
+
+
+def hub_eval_set(name: str, max_per_task: int = -1, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """A Hub task's eval split, shuffled with nanochat's seed 42, its first `max_per_task` items (-1 = all).
+    `data_dir` holds local copies (`<data_dir>/<owner>/<name>`, as `hf download --local-dir` lays them out)."""
+    path = Path(data_dir) / HUB_REPOS[name] if data_dir is not None else None
+    dataset = load_task(name, HUB_SPLITS[name], path).shuffle(seed=NANOCHAT_SHUFFLE_SEED)
+    return _first(dataset, max_per_task)
+
+
+def spellingbee_eval_set(max_per_task: int = -1, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """nanochat's SpellingBee eval: 256 items of the test split over words_alpha.txt (`<data_dir>/words_alpha.txt`
+    when present, else the cached download)."""
+    words = Path(data_dir) / "words_alpha.txt" if data_dir is not None else None
+    return load_task("spellingbee", "test", words if words is not None and words.is_file() else None,
+                     size=_eval_size(max_per_task))
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_words() -> tuple[str, ...]:
+    return tuple(embedded_words())
+
+
+def cpu_eval_set(name: str, max_per_task: int = -1) -> datasets.Dataset:
+    """The CPU tier's held-out items: the generators' test split (never the seeds training draws from)."""
+    size = _eval_size(max_per_task)
+    if name == "arithmetic":
+        return load_task("arithmetic", "test", size=size)
+    words = list(_cpu_words())
+    return (spelling_bee if name == "spellingbee" else simple_spelling)(words, "test", size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runners: fn(model, tokenizer, max_per_task=..., batch_size=..., data_dir=..., max_tokens=..., details=...)
+
+
+def _mc_runner(name: str) -> Callable[..., dict]:
+    def run(model, tokenizer, max_per_task: int = -1, batch_size: int = 8, data_dir=None, **kwargs) -> dict:
+        return evaluate_multiple_choice(model, tokenizer, hub_eval_set(name, max_per_task, data_dir),
+                                        batch_size=batch_size, **kwargs)
+
+    return run
+
+
+def _generative_runner(load: Callable[[int, str | None], datasets.Dataset], score: Callable[[dict, Reply], bool],
+                       tier: str, tool_rate: bool = False) -> Callable[..., dict]:
+    def run(model, tokenizer, max_per_task: int = -1, batch_size: int = 8, data_dir=None, max_tokens=None,
+            **kwargs) -> dict:
+        return evaluate_generative(model, tokenizer, load(max_per_task, data_dir), score, tool_rate=tool_rate,
+                                   max_tokens=max_tokens or MAX_TOKENS[tier], **kwargs)
+
+    return run
+
+
+# name -> (runner, ChatCORE baseline)
+HUB_CHAT_EVALS: dict[str, tuple[Callable[..., dict], float]] = {
+    "ARC-Easy": (_mc_runner("arc_easy"), 0.25),
+    "ARC-Challenge": (_mc_runner("arc_challenge"), 0.25),
+    "MMLU": (_mc_runner("mmlu"), 0.25),
+    "GSM8K": (_generative_runner(lambda n, d: hub_eval_set("gsm8k", n, d), score_answer, "hub", tool_rate=True), 0.0),
+    "HumanEval": (_generative_runner(lambda n, d: hub_eval_set("humaneval", n, d), score_humaneval, "hub"), 0.0),
+    "SpellingBee": (_generative_runner(spellingbee_eval_set, score_answer, "hub"), 0.0),
+}
+CPU_TIER_EVALS: dict[str, tuple[Callable[..., dict], float]] = {
+    "Arithmetic": (_generative_runner(lambda n, d: cpu_eval_set("arithmetic", n), score_answer, "cpu",
+                                      tool_rate=True), 0.0),
+    "SimpleSpelling": (_generative_runner(lambda n, d: cpu_eval_set("simplespelling", n), score_exact, "cpu"), 0.0),
+    "SpellingBee": (_generative_runner(lambda n, d: cpu_eval_set("spellingbee", n), score_answer, "cpu"), 0.0),
+}
+
+
+def format_metrics(task_results: dict[str, dict]) -> dict:
+    """The chat-format metrics over every reply of the generative tasks: `ends_turn_rate` and `calculator_rate`
+    (over the tasks that measure it: the arithmetic ones); None where no task measured it."""
+
+    def pooled(key: str) -> float | None:
+        measured = [r for r in task_results.values() if key in r]
+        total = sum(r["replies"] for r in measured)
+        return sum(r[key] * r["replies"] for r in measured) / total if total else None
+
+    return {"ends_turn_rate": pooled("ends_turn_rate"), "calculator_rate": pooled("calculator_rate")}
+
+
+def _register() -> None:
+    from .. import evaluate
+
+    evaluate.CHAT_EVALS.update(HUB_CHAT_EVALS)
+    evaluate.CPU_CHAT_EVALS.update(CPU_TIER_EVALS)
+
+
+_register()
