@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nanochat_hf.cli import build_parser, main
+from nanochat_hf.cli import PASS_THROUGH, build_parser, main
 from nanochat_hf.speedrun import ROOT, TIERS, run_speedrun
 
 
@@ -140,6 +140,15 @@ def test_every_subcommand_has_help():
                 assert isinstance(nested, dict), f"{name} --{action.dest} has no help"
     pretrain_help = _cli("pretrain", "--help")
     assert pretrain_help.returncode == 0 and "--device_batch_size" in pretrain_help.stdout
+
+
+@pytest.mark.parametrize("command", sorted(PASS_THROUGH))
+def test_every_stage_command_documents_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code in (0, None)
+    text = capsys.readouterr().out
+    assert f"nanochat-hf {command}" in text and "--" in text
 
 
 def _tiny_corpus(tmp_path):
