@@ -109,35 +109,32 @@ def test_stream_resumes_exactly_and_shards_by_rank(rendered, tokenizer):
     assert make(rank=1, world_size=2).shard == list(range(1, len(rendered), 2))
 
 
-def test_cpu_recipe_midtrains_from_a_checkpoint(tiny_checkpoint, tmp_path):
-    data = write_jsonl(tmp_path / "chat.jsonl", conversations(60))
+def test_cpu_recipe_midtrains_one_pass_from_a_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    # num_iterations -1: one pass over the training conversations, planned from their rendered token count
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(40))
     out = tmp_path / "mid"
     final = train(parse_midtrain_args([
         "--config", str(ROOT / "recipes/cpu/midtrain.yaml"), "--init_from", str(tiny_checkpoint),
-        "--conversations", data, "--output_dir", str(out), "--num_iterations", "3", "--device_batch_size", "2",
-        "--total_batch_size", "1024", "--val_rows", "8", "--eval_every", "3", "--eval_tokens", "512",
+        "--conversations", data, "--output_dir", str(out), "--num_iterations", "-1", "--device_batch_size", "2",
+        "--total_batch_size", "1024", "--val_rows", "8", "--eval_every", "2", "--eval_tokens", "512",
         "--save_every", "2", "--log_every", "1",
     ]))
-    steps = [json.loads(line)["step"] for line in (out / "losses.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
-    assert (out / "checkpoint-3" / "data_state_rank0.pt").exists()  # keep_last 1: checkpoint-2 rotated away
+    plan = json.loads(capsys.readouterr().out.split("plan ")[1].splitlines()[0])
+    rendered = render_dataset(Dataset.from_list(conversations(32)), load_tokenizer(str(tiny_checkpoint)), 257)
+    tokens = sum(len(ids) for ids in rendered["input_ids"])
+    steps = plan["num_iterations"]
+    assert steps == -(-tokens // 1024) and steps >= 3
+    logged = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))
+    bpb_steps = [json.loads(line)["step"] for line in (out / "bpb.jsonl").read_text().splitlines()]
+    assert bpb_steps[0] == 2  # eval_every 2: validation bits per byte on the held-out conversations
+    # saved at step 2 and at the end; keep_last 1 rotated checkpoint-2 away
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{steps}"]
+    assert (out / f"checkpoint-{steps}" / "data_state_rank0.pt").exists()
     model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True)
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
     assert not any(p.name.startswith(".final") for p in out.iterdir())  # the atomic save left no staging folder
-
-
-def test_one_pass_by_default(tiny_checkpoint, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "chat.jsonl", conversations(16))
-    train(parse_midtrain_args([
-        "--init_from", str(tiny_checkpoint), "--conversations", data, "--output_dir", str(tmp_path / "mid"),
-        "--device_batch_size", "2", "--total_batch_size", "512", "--val_rows", "4", "--eval_every", "-1",
-        "--log_every", "100",
-    ]))
-    plan = json.loads(capsys.readouterr().out.split("plan ")[1].splitlines()[0])
-    rendered = render_dataset(Dataset.from_list(conversations(12)), load_tokenizer(str(tiny_checkpoint)), 257)
-    tokens = sum(len(ids) for ids in rendered["input_ids"])
-    assert plan["num_iterations"] == -(-tokens // 512)
 
 
 def test_bad_inputs_are_refused(tmp_path, tiny_checkpoint):

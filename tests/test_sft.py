@@ -102,7 +102,7 @@ def padded_checkpoint(tiny_checkpoint, tmp_path_factory):
 def test_every_recipe_parses(recipe):
     args = parse_sft_args(["--config", str(recipe)])
     assert args.output_dir.startswith("runs/") and args.init_from.endswith("midtrain/final")
-    assert args.init_lr_frac == 0.02 and args.weight_decay == 0.0
+    assert args.init_lr_frac == (0.2 if recipe.parent.name == "cpu" else 0.02) and args.weight_decay == 0.0
 
 
 @pytest.mark.parametrize("json_arguments", [False, True], ids=["mapping-arguments", "json-arguments"])
@@ -140,20 +140,22 @@ def test_the_fused_loss_is_the_models_own_on_a_padded_vocabulary(padded_checkpoi
     assert not torch.allclose(all_rows, own, rtol=1e-3)
 
 
-def test_sft_trains_with_muon_and_saves_atomically(tiny_checkpoint, tmp_path):
-    data = write_jsonl(tmp_path / "chat.jsonl", conversations(24))
+def test_cpu_recipe_trains_on_the_tiers_own_mixture_and_saves_atomically(tiny_checkpoint, tmp_path, capsys):
+    # nanochat_hf.tasks.build_mixture("sft", "cpu"): offline generators only, with calculator tool calls
     out = tmp_path / "sft"
     final = train(parse_sft_args([
-        "--config", str(ROOT / "recipes/cpu/sft.yaml"), "--init_from", str(tiny_checkpoint), "--conversations", data,
-        "--output_dir", str(out), "--num_iterations", "3", "--device_batch_size", "2", "--target_examples_per_step",
-        "4", "--val_rows", "4", "--eval_every", "3", "--log_every", "1",
+        "--config", str(ROOT / "recipes/cpu/sft.yaml"), "--init_from", str(tiny_checkpoint), "--output_dir", str(out),
+        "--max_rows", "20", "--num_iterations", "2", "--device_batch_size", "2", "--target_examples_per_step", "4",
+        "--val_rows", "4", "--eval_every", "2", "--log_every", "1",
     ]))
-    steps = [json.loads(line)["step"] for line in (out / "losses.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    logged = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2]
+    assert "'eval_loss'" in capsys.readouterr().out  # the Trainer's log line of the validation loss at step 2
     model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True)
     assert not torch.equal(model.model.layers[0].mlp.fc1.weight, base.model.layers[0].mlp.fc1.weight)
     assert load_tokenizer(str(final)).chat_template == load_tokenizer(str(tiny_checkpoint)).chat_template
+    assert not any(p.name.startswith(".final") for p in out.iterdir())
 
 
 def test_optimizer_is_muon_with_nanochat_sft_lrs(tiny_checkpoint, tmp_path):
@@ -198,14 +200,4 @@ def test_accelerate_launch_runs_real_steps(tiny_checkpoint, tmp_path, config):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "final" / "model.safetensors").exists()
-    assert len((out / "losses.jsonl").read_text().splitlines()) == 2
-
-
-def test_cpu_recipe_runs_on_the_tiers_own_mixture(tiny_checkpoint, tmp_path):
-    out = tmp_path / "sft"
-    train(parse_sft_args([
-        "--config", str(ROOT / "recipes/cpu/sft.yaml"), "--init_from", str(tiny_checkpoint), "--output_dir", str(out),
-        "--max_rows", "64", "--num_iterations", "2", "--device_batch_size", "2", "--target_examples_per_step", "4",
-        "--val_rows", "0", "--log_every", "1",
-    ]))
     assert len((out / "losses.jsonl").read_text().splitlines()) == 2
