@@ -52,7 +52,7 @@ class Tier:
 
 TIERS: dict[str, Tier] = {
     # The embedded corpus (CPython's own docs), the project's own chat data, offline evaluations.
-    "cpu": Tier(vocab_size=8192, tokenizer_max_chars=None, pretraining_text="embedded", eval_max_per_task=64,
+    "cpu": Tier(vocab_size=8192, tokenizer_max_chars=None, pretraining_text="embedded", eval_max_per_task=32,
                 eval_bpb_tokens=65536, gpu=False),
     "d12": Tier(vocab_size=32768),
     "d20": Tier(vocab_size=32768),

@@ -102,7 +102,7 @@ def padded_checkpoint(tiny_checkpoint, tmp_path_factory):
 def test_every_recipe_parses(recipe):
     args = parse_sft_args(["--config", str(recipe)])
     assert args.output_dir.startswith("runs/") and args.init_from.endswith("midtrain/final")
-    assert args.init_lr_frac == (0.2 if recipe.parent.name == "cpu" else 0.02) and args.weight_decay == 0.0
+    assert args.init_lr_frac == 0.02 and args.weight_decay == 0.0
 
 
 @pytest.mark.parametrize("json_arguments", [False, True], ids=["mapping-arguments", "json-arguments"])
