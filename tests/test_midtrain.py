@@ -38,7 +38,7 @@ def rendered(tokenizer):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
 def test_every_recipe_parses(recipe):
     args = parse_midtrain_args(["--config", str(recipe)])
-    assert args.output_dir.startswith("runs/") and args.init_from.endswith("pretrain/final")
+    assert args.output_dir.startswith("runs/") and args.init_from.endswith("/base")
     assert args.weight_decay == 0.0 and args.final_lr_frac == 0.0 and args.tier == recipe.parent.name
 
 

@@ -37,7 +37,7 @@ def gsm8k_rows(n: int = 8) -> list[dict]:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
 def test_every_recipe_parses(recipe):
     args = parse_rl_args(["--config", str(recipe)])
-    assert args.output_dir.startswith("runs/") and args.init_from.endswith("sft/final")
+    assert args.output_dir.startswith("runs/") and args.init_from.endswith("/sft")
     assert args.temperature == 1.0 and args.init_lr_frac == 0.05
 
 

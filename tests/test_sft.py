@@ -101,7 +101,7 @@ def padded_checkpoint(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
 def test_every_recipe_parses(recipe):
     args = parse_sft_args(["--config", str(recipe)])
-    assert args.output_dir.startswith("runs/") and args.init_from.endswith("midtrain/final")
+    assert args.output_dir.startswith("runs/") and args.init_from.endswith("/mid")
     assert args.init_lr_frac == 0.02 and args.weight_decay == 0.0
 
 
