@@ -21,7 +21,6 @@ earlier positions never see the padding) and computes logits only at the positio
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import random
 import time
@@ -191,30 +190,31 @@ def score_requests(
         group = [requests[i] for i in order[b : b + batch_size]]
         rows = [(r, k) for r in group for k in range(len(r.sequences))]
         width = max(len(r.sequences[k]) for r, k in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        for j, (r, k) in enumerate(rows):
-            input_ids[j, : len(r.sequences[k])] = torch.tensor(r.sequences[k])
+        input_ids = torch.tensor([r.sequences[k] + [pad_token_id] * (width - len(r.sequences[k])) for r, k in rows])
         # logits at position p predict token p+1: a span [s, e) needs positions s-1 .. e-2
         needed = sorted({p for r, k in rows for p in range(r.starts[k] - 1, r.ends[k] - 1)})
         kwargs = {}
         if keep_logits and needed:
             kwargs["logits_to_keep"] = torch.tensor(needed, device=device)
-            column = {p: c for c, p in enumerate(needed)}
+            positions = torch.tensor(needed)
         else:
-            column = {p: p for p in range(width)}
-        logits = model(input_ids=input_ids.to(device), **kwargs).logits.float()
+            positions = torch.arange(width)
+        logits = model(input_ids=input_ids.to(device), **kwargs).logits.float()  # (rows, positions, vocab)
+        # Every row's losses and greedy hits at once, then reduced over each row's span: per-row tensor ops would
+        # cost more than a small model's forward pass.
+        targets = input_ids[:, (positions + 1).clamp(max=width - 1)].to(logits.device)
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        hits = logits.argmax(-1) == targets
+        starts = torch.tensor([r.starts[k] for r, k in rows])[:, None] - 1
+        ends = torch.tensor([r.ends[k] for r, k in rows])[:, None] - 1
+        span = ((positions[None, :] >= starts) & (positions[None, :] < ends)).to(logits.device)
+        means = ((losses * span).sum(1) / span.sum(1)).tolist()  # nan for an empty span, as nanochat's mean
+        greedy = (hits | ~span).all(1).tolist()
         per_request: dict[int, tuple[list[float], list[bool]]] = {}
-        for j, (r, k) in enumerate(rows):
-            s, e = r.starts[k], r.ends[k]
-            cols = torch.tensor([column[p] for p in range(s - 1, e - 1)], dtype=torch.long, device=logits.device)
-            row_logits = logits[j, cols]
-            targets = input_ids[j, s:e].to(logits.device)
-            losses = F.cross_entropy(row_logits, targets, reduction="none")
-            mean = losses.mean().item() if len(targets) else math.nan
-            greedy = bool(torch.equal(row_logits.argmax(-1), targets))
-            means, greedies = per_request.setdefault(id(r), ([], []))
-            means.append(mean)
-            greedies.append(greedy)
+        for j, (r, _) in enumerate(rows):
+            row_means, row_greedy = per_request.setdefault(id(r), ([], []))
+            row_means.append(means[j])
+            row_greedy.append(bool(greedy[j]))
         for i in order[b : b + batch_size]:
             results[i] = verdict(requests[i], *per_request[id(requests[i])])
     return results  # type: ignore[return-value]
