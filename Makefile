@@ -20,7 +20,7 @@ speedrun-cpu: install
 	$(VENV)/bin/nanochat-hf speedrun --tier cpu --run-dir runs/cpu
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -30,7 +30,8 @@ def _speedrun_main(args: argparse.Namespace) -> None:
     from .speedrun import run_speedrun
 
     run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus, max_steps=args.max_steps,
-                 rl=args.rl, accelerate_config=args.accelerate_config, eval_max_per_task=args.eval_max_per_task)
+                 rl=args.rl, accelerate_config=args.accelerate_config, eval_max_per_task=args.eval_max_per_task,
+                 eval_max_tokens=args.eval_max_tokens)
 
 
 # command -> (module whose `main(argv)` runs it, one-line summary)
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: plain python on cpu; single_gpu/ddp_8gpu on GPU tiers)")
     speedrun.add_argument("--eval-max-per-task", type=int,
                           help="items per evaluation task (default: the tier's; -1 all)")
+    speedrun.add_argument("--eval-max-tokens", type=int, help="tokens per generated reply in the chat evaluations")
     speedrun.set_defaults(func=_speedrun_main)
 
     # Stages with their own parsers (recipe dataclasses, the Space's flags): the rest of the command line is

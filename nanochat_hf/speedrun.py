@@ -108,11 +108,13 @@ def run_speedrun(
     rl: bool = False,
     accelerate_config: str | None = None,
     eval_max_per_task: int | None = None,
+    eval_max_tokens: int | None = None,
 ) -> dict:
     """Run every stage of `tier` into `run_dir`; returns the speedrun log (also written to speedrun.json).
 
     `corpus` replaces the tier's pretraining text (a folder of parquet/jsonl/txt files or a Hub id); `max_steps`
-    caps every training stage (a smoke run); `rl` adds the GRPO stage.
+    caps every training stage and `eval_max_per_task` / `eval_max_tokens` the evaluations (a smoke run); `rl` adds
+    the GRPO stage.
     """
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
@@ -199,6 +201,8 @@ def run_speedrun(
                 argv += ["--bpb-data", data_source(), "--bpb-tokens", str(spec.eval_bpb_tokens)]
             if tier == "cpu":
                 argv += ["--tier", "cpu"]
+            if eval_max_tokens is not None:
+                argv += ["--max-tokens", str(eval_max_tokens)]
             run_logged([sys.executable, "-m", "nanochat_hf.evaluate", *argv], run_dir / "logs" / f"eval_{model}.log",
                        env)
 

@@ -45,7 +45,7 @@ def _check_run(run_dir, steps: int, stages=("pretrain", "midtrain", "sft")) -> N
 def test_speedrun_cpu_smoke_run_and_rerun(tmp_path):
     run_dir = tmp_path / "run"
     result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir), "--max-steps", "2",
-                  "--eval-max-per-task", "4")
+                  "--eval-max-per-task", "4", "--eval-max-tokens", "16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((run_dir / "corpus").glob("shard_*.jsonl"))) == 4
     assert len(AutoTokenizer.from_pretrained(run_dir / "tokenizer")) == TIERS["cpu"].vocab_size
