@@ -35,6 +35,8 @@ bench: install
 	$(PY) benchmarks/model_step.py
 	$(PY) benchmarks/tokenizer_train.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/eval.py
+	$(PY) benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache
