@@ -5,7 +5,8 @@ scores one example per forward pass the way nanochat's core_eval does (logits, c
 position); ours packs `--batch` examples per pass and computes logits only where a span needs them. Both must give
 the same verdicts. Rounds are interleaved so both see the same machine conditions. Target: >= 4x at batch 8.
 
-    python benchmarks/eval.py [--depth 2] [--items 12] [--batch 8] [--rounds 3] [--json out.json]
+    python benchmarks/eval.py [--depth 4] [--head-dim 64] [--vocab-size 8192] [--items 12] [--batch 8] [--rounds 3]
+    python benchmarks/eval.py --depth 2 --head-dim 32 --vocab-size 512   # the test suite's tiny model
 """
 
 import argparse
@@ -51,17 +52,20 @@ def one_at_a_time(model, requests, pad_id: int) -> list[bool]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=2)
+    # Defaults: the CPU tier's model (d4, head dim 64, context 512, vocab 8192), the project's tiny model.
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--items", type=int, default=12, help="items per task in the synthetic bundle")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
-    tokenizer = train_tokenizer(embedded_corpus(max_chars=200_000), vocab_size=512, show_progress=False)
+    tokenizer = train_tokenizer(embedded_corpus(max_chars=2_000_000), vocab_size=args.vocab_size, show_progress=False)
     torch.manual_seed(0)
-    model = randomize(build_model(tokenizer, depth=args.depth, generation="2026", head_dim=32,
-                                  max_position_embeddings=256), seed=0).eval()
+    model = randomize(build_model(tokenizer, depth=args.depth, generation="2026", head_dim=args.head_dim,
+                                  max_position_embeddings=512, window_pattern="L"), seed=0).eval()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(Path(tmp), items_per_task=args.items)
         requests = []
@@ -82,6 +86,8 @@ def main() -> None:
         "examples": len(requests),
         "batch": args.batch,
         "depth": args.depth,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
         "baseline_examples_per_s": len(requests) / statistics.median(base_s),
         "batched_examples_per_s": len(requests) / statistics.median(ours_s),
         "speedup": statistics.median(base_s) / statistics.median(ours_s),
