@@ -23,7 +23,6 @@ import torch
 from datasets import Dataset, load_dataset
 
 from .data.conversations import ConversationStream, count_tokens, render_dataset
-from .init_model import save_atomically
 from .modeling_nanochat import NanoChatForCausalLM
 from .pretrain import (
     DATA_STATE,
@@ -32,12 +31,14 @@ from .pretrain import (
     NanoChatOptimizerFactory,
     PretrainArguments,
     PretrainTrainer,
-    _truncate_loss_log,
     check_parallelism,
     keep_local_gloo_on_loopback,
     latest_checkpoint,
     parse_args,
+    require_model_folder,
+    save_final,
     training_arguments,
+    truncate_step_logs,
 )
 from .tokenizer import load_tokenizer
 from .training_plan import plan_training
@@ -119,9 +120,7 @@ def train(run: MidtrainArguments) -> Path:
     keep_local_gloo_on_loopback()
     if not run.init_from:
         raise ValueError("midtraining starts from a base model: set --init_from to a pretrained model folder")
-    if not Path(run.init_from, "config.json").is_file():
-        raise ValueError(f"--init_from {run.init_from}: not a save_pretrained model folder (no config.json); "
-                         "run `nanochat-hf pretrain` first or point at its final/ folder")
+    require_model_folder(run.init_from, "pretrain")
     training_args = training_arguments(run)
     check_parallelism(training_args.distributed_state.distributed_type)
     world, rank = training_args.world_size, training_args.process_index
@@ -171,16 +170,12 @@ def train(run: MidtrainArguments) -> Path:
     )
     trainer.add_callback(LossLog(trainer))
     if resume_from is not None and trainer.args.should_save:
-        _truncate_loss_log(Path(run.output_dir) / "losses.jsonl", int(resume_from.name.split("-")[1]))
+        truncate_step_logs(run.output_dir, resume_from)
     if rank == 0:
         print(f"[midtrain] {len(train_set):,} conversations ({len(val_set):,} held out); plan "
               f"{json.dumps(asdict(plan))}", flush=True)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final = Path(run.output_dir) / "final"
-    if trainer.args.should_save:
-        save_atomically(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final)
-    trainer.accelerator.wait_for_everyone()
-    return final
+    return save_final(trainer, tokenizer, run.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

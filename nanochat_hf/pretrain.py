@@ -22,7 +22,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_utils import rotate_checkpoints
 
 from .data.pretrain import PretrainStream, evaluate_bpb
-from .init_model import build_model, publish_folder
+from .init_model import build_model, publish_folder, save_atomically
 from .modeling_nanochat import NanoChatForCausalLM
 from .optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups
 from .tokenizer import load_tokenizer, token_bytes
@@ -242,11 +242,31 @@ def parse_args(argv: list[str] | None = None, arguments_cls: type = PretrainArgu
     return args
 
 
-def _truncate_loss_log(path: Path, step: int) -> None:
-    """Drop the steps after the checkpoint a run resumes from: they are trained again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+def truncate_step_logs(output_dir: str, checkpoint: Path) -> None:
+    """Drop from losses.jsonl and bpb.jsonl the steps after the checkpoint a run resumes from: they are trained
+    again."""
+    step = int(checkpoint.name.split("-")[1])
+    for name in ("losses.jsonl", "bpb.jsonl"):
+        path = Path(output_dir) / name
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+
+def require_model_folder(init_from: str, previous_stage: str) -> None:
+    """A stage that starts from a model refuses, before any work, a folder `save_pretrained` did not write."""
+    if not Path(init_from, "config.json").is_file():
+        raise ValueError(f"--init_from {init_from}: not a save_pretrained model folder (no config.json); "
+                         f"run `nanochat-hf {previous_stage}` first or point at its final/ folder")
+
+
+def save_final(trainer: Trainer, tokenizer, output_dir: str) -> Path:
+    """Write the trained model + tokenizer to `<output_dir>/final` atomically (main process); every rank waits."""
+    final = Path(output_dir) / "final"
+    if trainer.args.should_save:
+        save_atomically(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final)
+    trainer.accelerator.wait_for_everyone()
+    return final
 
 
 def latest_checkpoint(output_dir: str) -> Path | None:
@@ -361,8 +381,7 @@ def train(run: PretrainArguments) -> Path:
     )
     trainer.add_callback(LossLog(trainer))
     if resume_from is not None and trainer.args.should_save:
-        for log_name in ("losses.jsonl", "bpb.jsonl"):
-            _truncate_loss_log(Path(run.output_dir) / log_name, int(resume_from.name.split("-")[1]))
+        truncate_step_logs(run.output_dir, resume_from)
     if rank == 0:
         print(f"[pretrain] {model.num_parameters():,} parameters; plan {json.dumps(asdict(plan))}", flush=True)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

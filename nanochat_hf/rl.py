@@ -36,14 +36,21 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from .init_model import save_atomically
 from .modeling_nanochat import NanoChatForCausalLM
-from .pretrain import LossLog, check_parallelism, keep_local_gloo_on_loopback, parse_args
+from .pretrain import (
+    LossLog,
+    check_parallelism,
+    keep_local_gloo_on_loopback,
+    parse_args,
+    require_model_folder,
+    save_final,
+)
 from .tokenizer import load_tokenizer
 from .trl_support import (
     FinetuneOptimizerFactory,
     NanoChatTRLMixin,
     enable_tool_rollouts,
+    finetune_optimizer_kwargs,
     python,
     score_real_vocab_only,
 )
@@ -198,9 +205,7 @@ def train(run: RLArguments, dataset: Dataset | None = None, reward_funcs=None,
     (default nanochat's GSM8K reward); returns the folder of the final model. `generation_kwargs` are extra
     transformers generation settings for the rollouts (e.g. a ``sequence_bias``)."""
     keep_local_gloo_on_loopback()
-    if not Path(run.init_from, "config.json").is_file():
-        raise ValueError(f"--init_from {run.init_from}: not a save_pretrained model folder (no config.json); "
-                         "run `nanochat-hf sft` first or point at its final/ folder")
+    require_model_folder(run.init_from, "sft")
     tokenizer = load_tokenizer(run.init_from)
     model = NanoChatForCausalLM.from_pretrained(run.init_from)
     eos_token_id = enable_tool_rollouts(model, tokenizer) if run.use_tools else model.generation_config.eos_token_id
@@ -211,9 +216,7 @@ def train(run: RLArguments, dataset: Dataset | None = None, reward_funcs=None,
     args = grpo_config(run, generation_kwargs)
     check_parallelism(args.distributed_state.distributed_type)
     Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-    optimizer_kwargs = dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr,
-                            matrix_lr=run.matrix_lr, scalar_lr=run.scalar_lr, weight_decay=run.weight_decay,
-                            init_lr_frac=run.init_lr_frac)
+    optimizer_kwargs = finetune_optimizer_kwargs(run)
     trainer = NanoChatGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs or gsm8k_accuracy,
@@ -227,11 +230,7 @@ def train(run: RLArguments, dataset: Dataset | None = None, reward_funcs=None,
     trainer.train()
     # <|python_end|> stops generation only inside the tool loop: the saved model's generate() runs whole turns.
     model.generation_config.eos_token_id = eos_token_id
-    final = Path(run.output_dir) / "final"
-    if trainer.args.should_save:
-        save_atomically(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final)
-    trainer.accelerator.wait_for_everyone()
-    return final
+    return save_final(trainer, tokenizer, run.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,12 +20,18 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from .init_model import save_atomically
 from .midtrain import split_validation, stage_mixture
 from .modeling_nanochat import NanoChatForCausalLM
-from .pretrain import LossLog, check_parallelism, keep_local_gloo_on_loopback, parse_args
+from .pretrain import (
+    LossLog,
+    check_parallelism,
+    keep_local_gloo_on_loopback,
+    parse_args,
+    require_model_folder,
+    save_final,
+)
 from .tokenizer import load_tokenizer
-from .trl_support import FinetuneOptimizerFactory, NanoChatTRLMixin, score_real_vocab_only
+from .trl_support import FinetuneOptimizerFactory, NanoChatTRLMixin, finetune_optimizer_kwargs, score_real_vocab_only
 
 
 @dataclass
@@ -116,9 +122,7 @@ def train(run: SFTArguments, dataset: Dataset | None = None) -> Path:
     """Fine-tune `run.init_from` on `dataset` (a `messages` column; default: the tier's SFT mixture); returns the
     folder of the final model."""
     keep_local_gloo_on_loopback()
-    if not Path(run.init_from, "config.json").is_file():
-        raise ValueError(f"--init_from {run.init_from}: not a save_pretrained model folder (no config.json); "
-                         "run `nanochat-hf midtrain` first or point at its final/ folder")
+    require_model_folder(run.init_from, "midtrain")
     tokenizer = load_tokenizer(run.init_from)
     model = NanoChatForCausalLM.from_pretrained(run.init_from)
     max_length = run.max_seq_len if run.max_seq_len > 0 else model.config.max_position_embeddings
@@ -132,9 +136,7 @@ def train(run: SFTArguments, dataset: Dataset | None = None) -> Path:
     args = sft_config(run, max_length=max_length, eval_set=eval_set)
     Path(run.output_dir).mkdir(parents=True, exist_ok=True)
     check_parallelism(args.distributed_state.distributed_type)
-    optimizer_kwargs = dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr,
-                            matrix_lr=run.matrix_lr, scalar_lr=run.scalar_lr, weight_decay=run.weight_decay,
-                            init_lr_frac=run.init_lr_frac)
+    optimizer_kwargs = finetune_optimizer_kwargs(run)
     trainer = NanoChatSFTTrainer(
         model=model,
         args=args,
@@ -145,11 +147,7 @@ def train(run: SFTArguments, dataset: Dataset | None = None) -> Path:
     )
     trainer.add_callback(LossLog(trainer))
     trainer.train()
-    final = Path(run.output_dir) / "final"
-    if trainer.args.should_save:
-        save_atomically(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final)
-    trainer.accelerator.wait_for_everyone()
-    return final
+    return save_final(trainer, tokenizer, run.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,12 @@ class FinetuneOptimizerFactory(NanoChatOptimizerFactory):
         return optimizer
 
 
+def finetune_optimizer_kwargs(run) -> dict:
+    """The factory's settings from an SFT or RL recipe (both name the LRs, weight decay and init_lr_frac alike)."""
+    return dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr, matrix_lr=run.matrix_lr,
+                scalar_lr=run.scalar_lr, weight_decay=run.weight_decay, init_lr_frac=run.init_lr_frac)
+
+
 class NanoChatTRLMixin:
     """Mix in before a TRL trainer class. LR multiplier ``1 - step / num_steps`` (nanochat's SFT and RL)."""
 
