@@ -119,3 +119,43 @@ def reference_config(config) -> dict:
         "has_lambdas": config.residual_lambdas,
         "has_backout": config.backout,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nanochat's render_conversation (nanochat-spec.md §3.1), re-stated from the spec, not from our chat template
+
+
+def render_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """nanochat's render_conversation: ids and loss mask (1 = trained) for a nanochat-format conversation."""
+    special = tokenizer.convert_tokens_to_ids
+
+    def text(s: str) -> list[int]:
+        return tokenizer.encode(s, add_special_tokens=False)
+
+    ids, mask = [], []
+
+    def add(tokens: list[int], value: int) -> None:
+        ids.extend(tokens)
+        mask.extend([value] * len(tokens))
+
+    if messages[0]["role"] == "system":
+        first = dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])
+        messages = [first, *messages[2:]]
+    add([special("<|bos|>")], 0)
+    for i, message in enumerate(messages):
+        assert message["role"] == ("user" if i % 2 == 0 else "assistant")
+        if message["role"] == "user":
+            add([special("<|user_start|>"), *text(message["content"]), special("<|user_end|>")], 0)
+            continue
+        add([special("<|assistant_start|>")], 0)
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts:
+            if part["type"] == "text":
+                add(text(part["text"]), 1)
+            elif part["type"] == "python":
+                add([special("<|python_start|>"), *text(part["text"]), special("<|python_end|>")], 1)
+            else:
+                add([special("<|output_start|>"), *text(part["text"]), special("<|output_end|>")], 0)
+        add([special("<|assistant_end|>")], 1)
+    return ids, mask

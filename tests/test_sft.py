@@ -15,11 +15,12 @@ from transformers import AutoModelForCausalLM
 from nanochat_hf.init_model import build_model, save_atomically
 from nanochat_hf.optim import MuonAdamW
 from nanochat_hf.sft import NanoChatSFTTrainer, SFTArguments, parse_sft_args, sft_config, train
-from nanochat_hf.tokenizer import encode, load_tokenizer
+from nanochat_hf.tokenizer import load_tokenizer
 from nanochat_hf.trl_support import FinetuneOptimizerFactory
 
 from .chat_fixtures import conversations, write_jsonl
 from .conftest import randomize
+from .nanochat_reference import render_conversation
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*/sft.yaml"))
@@ -53,27 +54,9 @@ def nanochat_conversation(messages: list[dict]) -> list[tuple[str, object]]:
 
 
 def nanochat_render(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    sp = tokenizer.convert_tokens_to_ids
-    ids, mask = [sp("<|bos|>")], [0]
-
-    def add(tokens, trained):
-        ids.extend(tokens)
-        mask.extend([trained] * len(tokens))
-
-    for role, content in nanochat_conversation(messages):
-        if role == "user":
-            add([sp("<|user_start|>"), *encode(tokenizer, content), sp("<|user_end|>")], 0)
-            continue
-        add([sp("<|assistant_start|>")], 0)
-        for kind, text in content:
-            if kind == "text":
-                add(encode(tokenizer, text), 1)
-            elif kind == "python":
-                add([sp("<|python_start|>"), *encode(tokenizer, text), sp("<|python_end|>")], 1)
-            else:
-                add([sp("<|output_start|>"), *encode(tokenizer, text), sp("<|output_end|>")], 0)
-        add([sp("<|assistant_end|>")], 1)
-    return ids, mask
+    turns = [{"role": role, "content": content if role == "user" else [{"type": k, "text": t} for k, t in content]}
+             for role, content in nanochat_conversation(messages)]
+    return render_conversation(tokenizer, turns)
 
 
 def make_trainer(checkpoint, tmp_path, dataset, **overrides) -> NanoChatSFTTrainer:

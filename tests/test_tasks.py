@@ -24,6 +24,7 @@ from nanochat_hf.tasks import (
 from nanochat_hf.tasks.spelling import embedded_words
 
 from .hub_cache import populate_hub_cache
+from .nanochat_reference import render_conversation as nanochat_render
 from .task_fixtures import ARC, GSM8K, HUB_IDS, HUMANEVAL, MMLU, SMOLTALK, WORDS, write_fixture
 
 
@@ -61,39 +62,6 @@ def nanochat_gsm8k_conversation(question: str, answer: str) -> list[dict]:
         else:
             parts.append({"type": "text", "text": piece})
     return [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
-
-
-def nanochat_render(tok, conversation: list[dict]) -> tuple[list[int], list[int]]:
-    """render_conversation: ids and mask (1 = trained); each text encoded on its own, specials by id."""
-    sid = tok.convert_tokens_to_ids
-    ids, mask = [sid("<|bos|>")], [0]
-
-    def emit(tokens: list[int], trained: int) -> None:
-        ids.extend(tokens)
-        mask.extend([trained] * len(tokens))
-
-    def enc(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False)
-
-    if conversation[0]["role"] == "system":
-        merged = conversation[0]["content"] + "\n\n" + conversation[1]["content"]
-        conversation = [{"role": "user", "content": merged}, *conversation[2:]]
-    for i, message in enumerate(conversation):
-        assert message["role"] == ("user", "assistant")[i % 2]
-        if message["role"] == "user":
-            emit([sid("<|user_start|>"), *enc(message["content"]), sid("<|user_end|>")], 0)
-            continue
-        emit([sid("<|assistant_start|>")], 0)
-        content = message["content"]
-        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-            if part["type"] == "text":
-                emit(enc(part["text"]), 1)
-            elif part["type"] == "python":
-                emit([sid("<|python_start|>"), *enc(part["text"]), sid("<|python_end|>")], 1)
-            else:
-                emit([sid("<|output_start|>"), *enc(part["text"]), sid("<|output_end|>")], 0)
-        emit([sid("<|assistant_end|>")], 1)
-    return ids, mask
 
 
 def template_render(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
