@@ -29,6 +29,7 @@ from transformers import PreTrainedConfig
 from .configuration_nanochat import GENERATION_PRESETS, NanoChatConfig, nanochat_short_window
 from .init_model import publish_folder
 from .modeling_nanochat import NanoChatForCausalLM
+from .tokenizer import _BYTE_TO_CHAR, _CHAR_TO_BYTE  # GPT-2's byte alphabet, the one our BPE is written in
 
 logger = logging.getLogger(__name__)
 
@@ -352,23 +353,6 @@ def nanochat_token_bytes(state: TiktokenState) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # tiktoken <-> Hugging Face byte-level BPE
-
-
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, the alphabet of byte-level BPE vocabularies:
-    printable Latin-1 bytes stand for themselves, the other bytes take the characters from U+0100 up."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-_BYTE_TO_CHAR = _byte_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 
 
 def _bytes_to_token(token: bytes) -> str:
