@@ -5,7 +5,6 @@ import importlib
 import sys
 
 from .convert_cli import add_convert_parser
-from .speedrun import StageFailed
 from .tokenizer_cli import add_tokenizer_parser
 
 
@@ -27,11 +26,14 @@ def _init_main(args: argparse.Namespace) -> None:
 
 
 def _speedrun_main(args: argparse.Namespace) -> None:
-    from .speedrun import run_speedrun
+    from .speedrun import StageFailed, run_speedrun  # imported here, so other commands don't load it
 
-    run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus, max_steps=args.max_steps,
-                 rl=args.rl, accelerate_config=args.accelerate_config, eval_max_per_task=args.eval_max_per_task,
-                 eval_max_tokens=args.eval_max_tokens)
+    try:
+        run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus, max_steps=args.max_steps,
+                     rl=args.rl, accelerate_config=args.accelerate_config,
+                     eval_max_per_task=args.eval_max_per_task, eval_max_tokens=args.eval_max_tokens)
+    except StageFailed as err:  # reported like every other bad-input error, with exit status 2
+        raise ValueError(str(err)) from err
 
 
 # command -> (module whose `main(argv)` runs it, one-line summary)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, StageFailed) as err:
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"nanochat-hf {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 
