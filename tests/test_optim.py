@@ -4,6 +4,11 @@ import copy
 import datetime
 import math
 import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,48 +260,44 @@ def test_schedules():
 # distributed
 
 
-def _init_gloo(init_file: str, rank: int, world: int) -> None:
-    keep_local_gloo_on_loopback()  # without it, ranks can wait for each other forever where the hostname is not local
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, steps: int) -> None:
-    from nanochat_hf import NanoChatForCausalLM
-
-    from .conftest import randomize
-
-    _init_gloo(init_file, rank, world)
-    torch.manual_seed(0)
-    # float64: AdamW divides by sqrt(v), which turns fp32 rounding of near-zero gradient entries (summed in a
-    # different order by DDP) into visible differences; in fp64 any real divergence still shows.
-    model = randomize(NanoChatForCausalLM(tiny_config("2026")), seed=0).double().train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = MuonAdamW(nanochat_param_groups(model))
-    sched = NanoChatSchedule(opt, total_steps=steps, warmup_steps=2)
-    gen = torch.Generator().manual_seed(123)
-    for _ in range(steps):
-        ids = torch.randint(0, 300, (4, 16), generator=gen)
-        shard = ids[rank * 4 // world : (rank + 1) * 4 // world]
-        ddp(shard, labels=shard).loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    if rank == 0:
-        torch.save({"params": model.state_dict(), "optim": opt.state_dict()}, out_file)
-    dist.destroy_process_group()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run_ddp(tmp_path, world: int, steps: int) -> dict:
+    """Train `steps` steps with `world` ranks (tests/ddp_muon_worker.py); returns rank 0's params and optimizer state.
+
+    Two ranks go through `accelerate launch` with the cpu_2proc config: the TCP rendezvous that torchrun sets up for
+    every multi-process training run (a file:// store hung for good on CI's file system). A stuck run is killed
+    with its whole process group and fails with the ranks' stacks instead of hanging the suite.
+    """
     out = tmp_path / f"world{world}.pt"
-    init = tmp_path / f"init{world}"
-    mp.start_processes(_ddp_worker, args=(world, str(init), str(out), steps), nprocs=world, join=True,
-                       start_method="spawn")
+    worker = ["-m", "tests.ddp_muon_worker", str(out), str(steps)]
+    if world == 1:
+        argv = [sys.executable, *worker]
+    else:
+        argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", str(world),
+                "--main_process_port", str(_free_port()), *worker]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{world}-process DDP run did not finish in 300 s:\n{output[-6000:]}")
+    assert proc.returncode == 0, output[-6000:]
     return torch.load(out)
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     one = _run_ddp(tmp_path, 1, steps=4)
     two = _run_ddp(tmp_path, 2, steps=4)
     for name, a in one["params"].items():
@@ -307,11 +308,13 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert len(muon_states) == len(groups)
 
 
-def _fsdp_worker(rank: int, init_file: str, result_file: str) -> None:
+def _fsdp_worker(rank: int, port: int, result_file: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    _init_gloo(init_file, rank, 1)
+    keep_local_gloo_on_loopback()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1,
+                            timeout=datetime.timedelta(seconds=120))
     mesh = init_device_mesh("cpu", (1,))
     weight = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [Shard(0)]))
     try:
@@ -326,7 +329,7 @@ def _fsdp_worker(rank: int, init_file: str, result_file: str) -> None:
 
 def test_fsdp_sharded_matrices_are_refused_with_a_fix(tmp_path):
     result = tmp_path / "result.txt"
-    mp.start_processes(_fsdp_worker, args=(str(tmp_path / "init"), str(result)), nprocs=1, join=True,
+    mp.start_processes(_fsdp_worker, args=(_free_port(), str(result)), nprocs=1, join=True,
                        start_method="spawn")
     assert result.read_text() == FSDP_ERROR
     assert "ddp_8gpu.yaml" in FSDP_ERROR
