@@ -2,8 +2,8 @@
 
 Same tiny model, same synthetic bundle (tests/core_fixtures.py, all 22 task shapes), same requests. The baseline
 scores one example per forward pass the way nanochat's core_eval does (logits, cross-entropy and argmax at every
-position); ours packs `--batch` examples per pass and computes logits only where a span needs them. Both must give
-the same verdicts. Rounds are interleaved so both see the same machine conditions. Target: >= 4x at batch 8.
+position); ours packs `--batch` examples per pass, runs the prefix an example's options share once on a KV cache, and
+computes logits only where a span needs them. Both must give the same verdicts. Rounds are interleaved so both see the same machine conditions. Target: >= 4x at batch 8.
 
     python benchmarks/eval.py [--depth 4] [--head-dim 64] [--vocab-size 8192] [--items 12] [--batch 8] [--rounds 3]
     python benchmarks/eval.py --depth 2 --head-dim 32 --vocab-size 512   # the test suite's tiny model

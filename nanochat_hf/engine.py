@@ -65,16 +65,21 @@ class KVCache:
 
     def replicate(self, n: int) -> "KVCache":
         """A batch-`n` copy of this batch-1 cache (the prompt prefilled once, shared by n samples)."""
+        return self.select_rows(torch.zeros(n, dtype=torch.long, device=self.keys[0].device))
+
+    def select_rows(self, index: torch.Tensor) -> "KVCache":
+        """A copy whose row i is this cache's row `index[i]`: prefixes prefilled once, each shared by several rows."""
+        rows = self.keys[0].shape[0]
         copy = KVCache(self.num_layers, self.max_len)
         copy.pos = self.pos
-        copy.keys = [None if k is None else k.repeat(n, 1, 1, 1) for k in self.keys]
-        copy.values = [None if v is None else v.repeat(n, 1, 1, 1) for v in self.values]
+        copy.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
+        copy.values = [None if v is None else v.index_select(0, index) for v in self.values]
         # Per-row state a model keeps on its cache travels too (NanoChat's smear keeps the previous token's
         # embedding there); it is batch-first like the keys.
         for name, value in vars(self).items():
             if name not in self._OWN_FIELDS:
-                is_row_state = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1
-                setattr(copy, name, value.repeat(n, *([1] * (value.dim() - 1))) if is_row_state else value)
+                is_row_state = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
+                setattr(copy, name, value.index_select(0, index) if is_row_state else value)
         return copy
 
 

@@ -274,7 +274,7 @@ class NanoChatModel(NanoChatPreTrainedModel):
             key_len = past_len + x.shape[1]
             prev_is_real = padding_mask[:, max(past_len - 1, 0) : key_len - 1].to(x.dtype)
             if past_len == 0:
-                prev_is_real = torch.cat([torch.zeros_like(prev_is_real[:, :1]), prev_is_real], dim=1)
+                prev_is_real = torch.cat([prev_is_real.new_zeros(len(prev_is_real), 1), prev_is_real], dim=1)
             prev = prev * prev_is_real[..., None]
         if cache is not None:
             setattr(cache, _SMEAR_STATE, x[:, -1:].detach())
@@ -400,15 +400,23 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
             hidden = hidden[:, logits_to_keep]
+        logits = self.logits_from_hidden(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits over the real vocabulary from final hidden states of any shape (..., hidden_size).
+
+        Callers that need logits at scattered (row, position) pairs gather the hidden states first and pay the
+        lm_head only for those."""
         # Slice the padded vocab away, then softcap in fp32 as nanochat does.
         logits = self.lm_head(hidden)[..., : self.config.vocab_size].float()
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+        return logits
 
     # ---------------------------------------------------------------------------------------------------------
     # nanochat's accounting: the scaling-law parameter groups and FLOPs per token.

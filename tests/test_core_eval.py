@@ -15,8 +15,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat_hf.evaluation import bundle as bundle_mod
 from nanochat_hf.evaluation.bundle import EvalBundleError, load_core_tasks, load_task_data, resolve_bundle
-from nanochat_hf.evaluation.core import centered, evaluate_core, evaluate_task
+from nanochat_hf.evaluation.core import (
+    ScoringRequest,
+    centered,
+    evaluate_core,
+    evaluate_task,
+    score_requests,
+    shared_prefix_length,
+)
 from tests.core_fixtures import CORE_LABELS, CORE_MANIFEST, write_bundle, write_bundle_zip
+from tests.test_modeling import builtin_twin
 
 # one task of each type, delimiter and choice shape (shared leading words, digits, letters, schema, LM)
 SAMPLE_TASKS = ["hellaswag", "arc_easy", "commonsense_qa", "agi_eval_lsat_ar", "winograd", "jeopardy",
@@ -211,3 +219,98 @@ def test_evaluate_core_reports_centered_accuracy_and_their_mean(bundle_dir, mode
     assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 3)
     with pytest.raises(ValueError, match="unknown CORE task"):
         evaluate_core(model, tokenizer, bundle_dir, tasks=["mmlu"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scorer's arithmetic: shared prefixes on a KV cache and logits only where a span needs them, against each
+# sequence run alone through the model's plain forward
+
+
+def synthetic_requests(seed: int, vocab: int = 300) -> list[ScoringRequest]:
+    """Multiple-choice requests whose shared prefixes (1 to 60 tokens) cross the tiny models' 8-token short
+    window, options of ragged lengths, a schema request (shared suffix), LM requests (one sequence, some of them
+    the model's own greedy continuation, filled in by the test), and options that part right after BOS (shared
+    prefix 0)."""
+    gen = random.Random(seed)
+    tokens = lambda n: [gen.randrange(1, vocab) for _ in range(n)]  # noqa: E731
+    requests = []
+    for prefix_len in (1, 7, 9, 23, 41, 60):
+        prefix = [0, *tokens(prefix_len)]
+        options = [prefix + tokens(gen.randint(1, 9)) for _ in range(gen.randint(2, 5))]
+        requests.append(ScoringRequest("multiple_choice", options, [len(prefix)] * len(options),
+                                       [len(o) for o in options], gold=0))
+    parted = [[0, *tokens(gen.randint(2, 6))] for _ in range(3)]
+    requests.append(ScoringRequest("multiple_choice", parted, [1] * 3, [len(o) for o in parted], gold=1))
+    suffix = tokens(4)
+    contexts = [[0, *tokens(gen.randint(5, 30)), *suffix] for _ in range(3)]
+    requests.append(ScoringRequest("schema", contexts, [len(c) - 4 for c in contexts], [len(c) for c in contexts],
+                                   gold=2))
+    for length in (12, 30, 50):
+        seq = [0, *tokens(length)]
+        requests.append(ScoringRequest("language_modeling", [seq], [length - 5], [len(seq)]))
+    return requests
+
+
+def alone(model, request: ScoringRequest) -> tuple[list[float], bool]:
+    """Per-option mean span loss and the greedy check of option 0, each sequence in its own unpadded forward."""
+    means, greedy = [], []
+    for seq, s, e in zip(request.sequences, request.starts, request.ends, strict=True):
+        logits = model(torch.tensor([seq])).logits[0]
+        target = torch.tensor(seq[s:e])
+        means.append(F.cross_entropy(logits[s - 1 : e - 1], target).item())
+        greedy.append(torch.equal(logits[s - 1 : e - 1].argmax(-1), target))
+    return means, greedy[0]
+
+
+def with_greedy_continuations(model, requests: list[ScoringRequest]) -> None:
+    """Make the first LM request's continuation the model's own greedy one, so that its verdict is True."""
+    lm = next(r for r in requests if r.task_type == "language_modeling")
+    seq = lm.sequences[0][: lm.starts[0]]
+    with torch.no_grad():
+        for _ in range(lm.ends[0] - lm.starts[0]):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    lm.sequences[0] = seq
+
+
+@pytest.mark.parametrize("generation", ["2025", "2026"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_shared_prefix_scores_equal_each_sequence_run_alone(tiny_model_factory, generation, batch_size):
+    model = tiny_model_factory(generation, seed=3)
+    requests = synthetic_requests(seed=4)
+    with_greedy_continuations(model, requests)
+    assert {shared_prefix_length(r) for r in requests} >= {0, 1, 60}
+    with torch.no_grad():
+        results = score_requests(model, requests, batch_size=batch_size, pad_token_id=0)
+        expected = [alone(model, r) for r in requests]
+    for r, res, (means, greedy) in zip(requests, results, expected, strict=True):
+        if r.task_type == "language_modeling":
+            assert res.correct == greedy
+        else:
+            torch.testing.assert_close(torch.tensor(res.scores), torch.tensor(means), atol=1e-4, rtol=1e-4)
+            assert res.prediction == means.index(min(means))
+    assert [res.correct for r, res in zip(requests, results, strict=True) if r.task_type == "language_modeling"] \
+        == [True, False, False]  # the greedy continuation, and two random ones
+
+
+def test_any_causal_lm_is_scored_in_full_with_the_same_numbers(tiny_model_factory):
+    # transformers' own NanoChat class takes the generic path (each sequence run in full); same weights, same scores
+    ours = tiny_model_factory("2025", seed=5)
+    twin = builtin_twin(ours)
+    requests = synthetic_requests(seed=6)
+    with torch.no_grad():
+        mine, theirs = score_requests(ours, requests, 4), score_requests(twin, requests, 4)
+    for a, b in zip(mine, theirs, strict=True):
+        assert a.correct == b.correct and a.prediction == b.prediction
+        torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), atol=1e-4, rtol=1e-4)
+
+
+def test_an_empty_span_scores_nan_as_nanochats_mean_does(tiny_model_factory):
+    model = tiny_model_factory("2026")
+    options = [[0, 5, 6, 7], [0, 5, 6, 8]]
+    empty = ScoringRequest("multiple_choice", options, [3, 4], [4, 4], gold=0)  # option 1's span is empty
+    with torch.no_grad():
+        (res,) = score_requests(model, [empty])
+    assert res.scores[1] != res.scores[1] and res.scores[0] == res.scores[0]
+    assert res.prediction == 0  # Python's min skips the nan only because it comes second, as in nanochat
+    with pytest.raises(ValueError, match="batch_size"):
+        score_requests(model, [empty], batch_size=0)

@@ -1,5 +1,5 @@
 """The Engine on real NanoChat models: greedy decoding against transformers' `generate`, the replicated prompt cache
-against separate prefills and full forwards, seeded sampling, the calculator tool forced into the stream (on a model
+against separate prefills and full forwards, rows selected from a cache against their own sequences, seeded sampling, the calculator tool forced into the stream (on a model
 whose weights spell out a tool call), UTF-8-safe streaming, and loading by repo id with nanochat_hf absent."""
 
 import json
@@ -104,6 +104,26 @@ def test_replicated_prompt_cache_equals_separate_prefills_and_full_forwards(engi
         for row in range(3):  # and the uncached model on each row's whole sequence
             full = model(torch.cat([prompt, steps[:, row]])[None], use_cache=False).logits[0, -1]
             torch.testing.assert_close(replicated[row], full, atol=1e-4, rtol=1e-4)
+
+
+def test_selected_rows_of_a_cache_continue_as_their_own_sequences(tiny_model_factory):
+    # what CORE scoring does: prefixes prefilled once, each copied to the rows of its options (smear's per-row
+    # state included), then every row goes its own way; prompts cross the 8-token short window
+    model = tiny_model_factory("2026", seed=11)
+    gen = torch.Generator().manual_seed(11)
+    prompts = torch.randint(0, 300, (2, 12), generator=gen)
+    steps = torch.randint(0, 300, (3, 4), generator=gen)  # (step, row)
+    owner = torch.tensor([1, 0, 1, 1])
+    with torch.no_grad():
+        cache = KVCache(model.config.num_hidden_layers, 16)
+        model(input_ids=prompts, use_cache=True, **{CACHE_KW: cache})
+        rows = cache.select_rows(owner)
+        assert rows.get_seq_length() == 12 and cache.keys[0].shape[0] == 2  # the source is left as it was
+        for column in steps:
+            logits = model(input_ids=column[:, None], use_cache=True, **{CACHE_KW: rows}).logits[:, -1]
+        for row in range(4):
+            full = model(torch.cat([prompts[owner[row]], steps[:, row]])[None]).logits[0, -1]
+            torch.testing.assert_close(logits[row], full, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_samples_all_equal_the_single_sample(engine):

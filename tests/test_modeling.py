@@ -131,6 +131,17 @@ def test_2026_left_padding_matches_unpadded_rows(tiny_model_factory):
             assert torch.equal(batch[i, width:], single[0, len(r) :]), f"row {i}"
 
 
+@pytest.mark.parametrize("length", [1, 2, 9])
+def test_2026_a_mask_of_ones_changes_nothing(tiny_model_factory, length):
+    # a one-token prompt with its attention mask once broke smear (an empty slice of the mask)
+    model = tiny_model_factory("2026", seed=9)
+    ids = torch.randint(0, 300, (2, length), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        plain = model(ids).logits
+        masked = model(ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(masked, plain, atol=1e-6, rtol=1e-6)
+
+
 def test_windows_limit_attention(tiny_model_factory):
     """A token further back than the window (plus smear's one step) cannot influence a later position."""
     model = tiny_model_factory("2026", seed=8, depth=1, aspect_ratio=64, window_pattern="S", long_window=8)

@@ -15,7 +15,8 @@ Per example (nanochat-spec.md §5.1):
 Accuracy per task, centered by the task's random baseline; CORE is the mean of the centered accuracies.
 
 The batched scorer packs the sequences of several examples into one right-padded forward pass (a causal model's
-earlier positions never see the padding) and computes logits only at the positions a span needs.
+earlier positions never see the padding), runs the prefix an example's sequences share once on a KV cache, and
+computes logits only at the positions a span needs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from ..engine import KVCache
 from .bundle import CoreTask, load_core_tasks, load_task_data, resolve_bundle
 
 FEWSHOT_SEED = 1234
@@ -169,8 +171,15 @@ def verdict(request: ScoringRequest, mean_losses: list[float], greedy_ok: list[b
     return ExampleResult(correct=pred == request.gold, scores=mean_losses, prediction=pred)
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+def shared_prefix_length(request: ScoringRequest) -> int:
+    """Tokens at the front of every sequence of `request` that no span needs a logit from: they can be run once.
+
+    A span [s, e) needs the logits of positions s-1 .. e-2, so the shared prefix stops before the earliest s-1.
+    Multiple choice shares its few-shot prompt and question, schema its few-shot prompt; language modelling has
+    one sequence, so nothing to share."""
+    if len(request.sequences) < 2:
+        return 0
+    return min(common_length(request.sequences), min(request.starts) - 1)
 
 
 @torch.no_grad()
@@ -179,45 +188,109 @@ def score_requests(
 ) -> list[ExampleResult]:
     """Score `requests` with `batch_size` examples per forward pass; results in the order of `requests`.
 
-    Examples are grouped by length so that little of each batch is padding."""
+    For a NanoChat model each example's shared prefix is run once: the batch's prefixes are prefilled together
+    (left-padded, so every row's last cached token is real), each prefix's KV cache is copied to the rows of its
+    options, and one more forward runs the options' remaining tokens on it. On CORE's few-shot prompts that is
+    about half of all tokens. The lm_head then runs only at the (row, position) pairs a span needs. Other models
+    run each sequence in full, with logits at the positions some span of the batch needs. Examples are grouped
+    by length so that little of each batch is padding."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
-    keep_logits = _accepts_logits_to_keep(model)
-    order = sorted(range(len(requests)), key=lambda i: max(len(s) for s in requests[i].sequences))
+    # NanoChat's cache works with the engine's KVCache, and its head can run on gathered hidden states.
+    ours = getattr(model.config, "model_type", None) == "nanochat_hf" and hasattr(model, "logits_from_hidden")
+    prefix_of = {id(r): shared_prefix_length(r) if ours else 0 for r in requests}
+    order = sorted(range(len(requests)),
+                   key=lambda i: (prefix_of[id(requests[i])], max(len(s) for s in requests[i].sequences)))
     results: list[ExampleResult | None] = [None] * len(requests)
     for b in range(0, len(order), batch_size):
         group = [requests[i] for i in order[b : b + batch_size]]
-        rows = [(r, k) for r in group for k in range(len(r.sequences))]
-        width = max(len(r.sequences[k]) for r, k in rows)
-        input_ids = torch.tensor([r.sequences[k] + [pad_token_id] * (width - len(r.sequences[k])) for r, k in rows])
-        # logits at position p predict token p+1: a span [s, e) needs positions s-1 .. e-2
-        needed = sorted({p for r, k in rows for p in range(r.starts[k] - 1, r.ends[k] - 1)})
-        kwargs = {}
-        if keep_logits and needed:
-            kwargs["logits_to_keep"] = torch.tensor(needed, device=device)
-            positions = torch.tensor(needed)
-        else:
-            positions = torch.arange(width)
-        logits = model(input_ids=input_ids.to(device), **kwargs).logits.float()  # (rows, positions, vocab)
-        # Every row's losses and greedy hits at once, then reduced over each row's span: per-row tensor ops would
-        # cost more than a small model's forward pass.
-        targets = input_ids[:, (positions + 1).clamp(max=width - 1)].to(logits.device)
-        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-        hits = logits.argmax(-1) == targets
-        starts = torch.tensor([r.starts[k] for r, k in rows])[:, None] - 1
-        ends = torch.tensor([r.ends[k] for r, k in rows])[:, None] - 1
-        span = ((positions[None, :] >= starts) & (positions[None, :] < ends)).to(logits.device)
-        means = ((losses * span).sum(1) / span.sum(1)).tolist()  # nan for an empty span, as nanochat's mean
-        greedy = (hits | ~span).all(1).tolist()
-        per_request: dict[int, tuple[list[float], list[bool]]] = {}
-        for j, (r, _) in enumerate(rows):
-            row_means, row_greedy = per_request.setdefault(id(r), ([], []))
-            row_means.append(means[j])
-            row_greedy.append(bool(greedy[j]))
-        for i in order[b : b + batch_size]:
-            results[i] = verdict(requests[i], *per_request[id(requests[i])])
+        score = _score_nanochat_group if ours else _score_group
+        means, greedy = score(model, group, [prefix_of[id(r)] for r in group], pad_token_id)
+        j = 0
+        for i, r in zip(order[b : b + batch_size], group, strict=True):
+            n = len(r.sequences)
+            results[i] = verdict(r, means[j : j + n], greedy[j : j + n])
+            j += n
     return results  # type: ignore[return-value]
+
+
+@dataclass
+class _Rows:
+    """The sequences of a group as right-padded tails (what follows each example's first `prefix` tokens) and the
+    flat list of (row, position) pairs whose logits the spans need: position q predicts tail token q+1."""
+
+    input_ids: torch.Tensor  # (rows, width)
+    owner: torch.Tensor  # (rows,) the example of each row
+    tail_start: torch.Tensor  # (rows,) the prefix length of each row's example
+    row: torch.Tensor  # (n,) row of each needed logit
+    pos: torch.Tensor  # (n,) tail position of each needed logit
+
+    @classmethod
+    def of(cls, group: list[ScoringRequest], prefixes: list[int], pad_token_id: int) -> _Rows:
+        rows = [(i, k) for i, r in enumerate(group) for k in range(len(r.sequences))]
+        tail_start = torch.tensor([prefixes[i] for i, _ in rows])
+        tails = [group[i].sequences[k][prefixes[i]:] for i, k in rows]
+        width = max(len(t) for t in tails)
+        input_ids = torch.tensor([t + [pad_token_id] * (width - len(t)) for t in tails])
+        # a span [s, e) needs the logits at s-1 .. e-2
+        first = torch.tensor([group[i].starts[k] for i, k in rows]) - tail_start - 1
+        count = torch.tensor([group[i].ends[k] - group[i].starts[k] for i, k in rows])
+        row = torch.repeat_interleave(torch.arange(len(rows)), count)
+        offset = torch.repeat_interleave(count.cumsum(0) - count, count)
+        pos = torch.arange(len(row)) - offset + first[row]
+        return cls(input_ids, torch.tensor([i for i, _ in rows]), tail_start, row, pos)
+
+    def reduce(self, logits: torch.Tensor) -> tuple[list[float], list[bool]]:
+        """Per row: the mean loss over its span (nan for an empty span, as nanochat's mean) and whether the greedy
+        prediction hits every span token, from the (n, vocab) logits of the needed pairs. All rows at once:
+        per-row tensor ops would cost more than a small model's forward pass."""
+        targets = self.input_ids[self.row, self.pos + 1].to(logits.device)
+        losses = F.cross_entropy(logits.float(), targets, reduction="none").cpu()
+        misses = (logits.argmax(-1) != targets).cpu()
+        n_rows = self.input_ids.shape[0]
+        count = torch.bincount(self.row, minlength=n_rows)
+        means = torch.zeros(n_rows, dtype=losses.dtype).index_add_(0, self.row, losses) / count
+        return means.tolist(), (torch.bincount(self.row[misses], minlength=n_rows) == 0).tolist()
+
+
+def _score_nanochat_group(
+    model: torch.nn.Module, group: list[ScoringRequest], prefixes: list[int], pad_token_id: int
+) -> tuple[list[float], list[bool]]:
+    """Mean span loss and greedy hit of every sequence of `group` (in order), each example's first `prefixes[i]`
+    tokens run once."""
+    device = next(model.parameters()).device
+    rows = _Rows.of(group, prefixes, pad_token_id)
+    width = rows.input_ids.shape[1]
+    kwargs = {}
+    longest = max(prefixes)
+    if longest > 0:
+        prefix_mask = torch.tensor([[0] * (longest - p) + [1] * p for p in prefixes])
+        prefix_ids = torch.tensor([[pad_token_id] * (longest - p) + group[i].sequences[0][:p]
+                                   for i, p in enumerate(prefixes)])
+        cache = KVCache(model.config.num_hidden_layers, longest + width)
+        model.model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                    position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(device), cache=cache, use_cache=True)
+        kwargs["cache"] = cache.select_rows(rows.owner.to(device))
+        # the options' own right padding needs no mask: a causal model's earlier positions never see it
+        kwargs["attention_mask"] = torch.cat((prefix_mask[rows.owner], torch.ones_like(rows.input_ids)), 1).to(device)
+        kwargs["position_ids"] = (rows.tail_start[:, None] + torch.arange(width)).to(device)
+        kwargs["use_cache"] = True
+    hidden = model.model(input_ids=rows.input_ids.to(device), **kwargs).last_hidden_state
+    return rows.reduce(model.logits_from_hidden(hidden[rows.row.to(device), rows.pos.to(device)]))
+
+
+def _score_group(
+    model: torch.nn.Module, group: list[ScoringRequest], prefixes: list[int], pad_token_id: int
+) -> tuple[list[float], list[bool]]:
+    """As `_score_nanochat_group` for any causal LM, each sequence run in full (`prefixes` are all 0)."""
+    device = next(model.parameters()).device
+    rows = _Rows.of(group, prefixes, pad_token_id)
+    needed, column = torch.unique(rows.pos, return_inverse=True)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters and len(needed):
+        logits = model(input_ids=rows.input_ids.to(device), logits_to_keep=needed.to(device)).logits
+    else:
+        logits, column = model(input_ids=rows.input_ids.to(device)).logits, rows.pos
+    return rows.reduce(logits[rows.row.to(device), column.to(device)])
 
 
 def centered(accuracy: float, random_baseline_percent: float) -> float:
