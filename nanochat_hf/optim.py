@@ -12,7 +12,7 @@ exactly like one. FSDP shards the matrices themselves, which Muon cannot orthogo
 """
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -38,29 +38,63 @@ FSDP_ERROR = (
 )
 
 
-def orthogonalize(g: Tensor, steps: int, method: str, dtype: torch.dtype) -> Tensor:
-    """Approximate U V^T of a (rows, cols) matrix or of each matrix of a (K, rows, cols) stack.
+# name, shape, dtype, device -> a temporary
+Buffer = Callable[[str, tuple[int, ...], torch.dtype, torch.device], Tensor]
 
-    It iterates on the wide orientation. A stack goes through batched matmuls (one kernel per iteration on GPU);
-    a single matrix through 2-D ones, which CPU BLAS runs about 10% faster than the batched kind.
-    """
-    x = g.to(dtype)
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
+
+def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _coefficients(method: str, steps: int) -> tuple[tuple[float, float, float], ...]:
     if method == "polar_express":
-        x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
-        coeffs = POLAR_EXPRESS_COEFFS[:steps]
-    elif method == "newton_schulz":
-        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
-        coeffs = (NEWTON_SCHULZ_COEFFS,) * steps
-    else:
-        raise ValueError(f"unknown orthogonalizer {method!r}; use 'polar_express' or 'newton_schulz'")
-    mm_add = torch.addmm if x.dim() == 2 else torch.baddbmm
+        return POLAR_EXPRESS_COEFFS[:steps]
+    if method == "newton_schulz":
+        return (NEWTON_SCHULZ_COEFFS,) * steps
+    raise ValueError(f"unknown orthogonalizer {method!r}; use 'polar_express' or 'newton_schulz'")
+
+
+def _spectral_bound(frobenius: Tensor, method: str) -> Tensor:
+    """What the iteration divides its input by so that every singular value is at most 1 (each method's own)."""
+    return frobenius * 1.01 + 1e-6 if method == "polar_express" else frobenius.clamp(min=1e-7)
+
+
+def orthogonalize(g: Tensor, steps: int, method: str, dtype: torch.dtype) -> Tensor:
+    """Approximate U V^T of a (rows, cols) matrix or of each matrix of a (K, rows, cols) stack."""
+    coeffs = _coefficients(method, steps)
+    x = g.to(dtype, copy=True)
+    x.div_(_spectral_bound(x.norm(dim=(-2, -1), keepdim=True), method))
+    return _iterate(x, coeffs, _fresh)
+
+
+def _iterate(x: Tensor, coeffs: tuple[tuple[float, float, float], ...], buffer: Buffer = _fresh) -> Tensor:
+    """The odd polynomial iteration on a normalised x: X <- aX + (bA + cA^2) X with A = X X^T, the Gram matrix on
+    the smaller side (for a tall X, X <- aX + X (bA + cA^2) with A = X^T X: the same products, no transposed copy).
+
+    `buffer(name, shape, dtype, device)` gives the temporaries; x may be one of them (it is written over). A stack
+    goes through batched matmuls (one kernel per iteration on GPU); a one-matrix stack through 2-D ones, which CPU
+    BLAS runs about 10% faster. The result lives in a buffer: use it before the next call."""
+    if x.dim() == 3 and x.size(0) == 1:
+        return _iterate(x[0], coeffs, buffer).unsqueeze(0)
+    mm, mm_add = (torch.mm, torch.addmm) if x.dim() == 2 else (torch.bmm, torch.baddbmm)
+    tall = x.size(-2) > x.size(-1)
+    side = x.size(-1) if tall else x.size(-2)
+    gram = buffer("gram", (*x.shape[:-2], side, side), x.dtype, x.device)
+    poly = buffer("poly", gram.shape, x.dtype, x.device)
+    nxt = buffer("iterate", x.shape, x.dtype, x.device)
+    if nxt.data_ptr() == x.data_ptr():
+        nxt = buffer("iterate2", x.shape, x.dtype, x.device)
     for a, b, c in coeffs:
-        gram = x @ x.mT
-        x = mm_add(x, mm_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
+        if tall:
+            mm(x.mT, x, out=gram)
+            mm_add(gram, gram, gram, beta=b, alpha=c, out=poly)
+            mm_add(x, x, poly, beta=a, out=nxt)
+        else:
+            mm(x, x.mT, out=gram)
+            mm_add(gram, gram, gram, beta=b, alpha=c, out=poly)
+            mm_add(x, poly, x, beta=a, out=nxt)
+        x, nxt = nxt, x
+    return x
 
 
 def _working_dtype(p: Tensor) -> torch.dtype:
@@ -124,6 +158,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self.renormalize = renormalize
         self.cautious_weight_decay = cautious_weight_decay
         self.ortho_dtype = ortho_dtype
+        self._scratch: dict[tuple, Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -189,36 +224,67 @@ class MuonAdamW(torch.optim.Optimizer):
             self._muon_update(group, params[part], state["momentum_buffer"][part],
                               None if second is None else second[part])
 
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A temporary of the Muon update. On CPU it is kept from step to step: glibc returns freed blocks of a
+        few MB to the kernel, and faulting them in again cost more than the arithmetic done in them. On GPU the
+        caching allocator already reuses memory, and a kept buffer would only raise the peak."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        key = (name, tuple(shape), dtype)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty(shape, dtype=dtype)
+        return buf
+
     def _muon_update(self, group: dict, params: list[Tensor], buf: Tensor, second: Tensor | None) -> None:
         """One Muon step for a stack of same-shape matrices; `buf` and `second` are views of the group's state.
 
-        Written for few passes over memory: on CPU the elementwise stages, not the matmuls, are what a step adds
-        over plain Muon.
+        Written for few passes over memory, each into a kept buffer: on CPU the elementwise stages, not the
+        matmuls, are what a step adds over plain Muon.
         """
         rows, cols = params[0].shape
-        work = buf.dtype
+        work, device = buf.dtype, buf.device
+        shape = (len(params), rows, cols)
         # read-only: a single matrix's gradient is used in place, never written
         grads = params[0].grad.to(work).unsqueeze(0) if len(params) == 1 else torch.stack(
             [p.grad.to(work) for p in params])
         momentum = group["momentum"]
         buf.lerp_(grads, 1 - momentum)
-        g = grads.lerp(buf, momentum) if group["nesterov"] else buf.clone()
+        g = self._buffer("g", shape, work, device)
+        if group["nesterov"]:
+            torch.lerp(grads, buf, momentum, out=g)
+        else:
+            g.copy_(buf)
 
+        # The iteration's input in its dtype (bf16 on every device: nanochat's and torch.optim.Muon's choice; the
+        # iteration is an approximation anyway), divided by each method's bound on the spectral norm.
+        low = self.ortho_dtype or torch.bfloat16
+        x = self._buffer("ortho_in", shape, low, device)
         if self.row_equilibration:
-            # MuonEq: every row to the mean row norm, so no row dominates the orthogonalisation.
+            # MuonEq: every row to the mean row norm, so no row dominates the orthogonalisation. Then every row
+            # has that norm, so the Frobenius norm is known without another pass: one multiplication does both.
+            # (In place, then a copy: a multiplication that writes another dtype is ~10x slower on CPU.)
             row_norms = g.norm(dim=-1, keepdim=True)
             target = row_norms.square().sum(dim=(-2, -1), keepdim=True).sqrt() / math.sqrt(rows)
-            g.mul_(target / row_norms.clamp_min(1e-12))
-        # bf16 on every device: nanochat's and torch.optim.Muon's choice; the iteration is an approximation anyway
-        u = self._orthogonalize_shared(g, group["ns_steps"], self.ortho_dtype or torch.bfloat16)
+            factor = target / row_norms.clamp_min(1e-12)
+            frobenius = (factor * row_norms).square().sum(dim=(-2, -1), keepdim=True).sqrt()
+            x.copy_(g.mul_(factor / _spectral_bound(frobenius, self.orthogonalizer)))
+        else:
+            # torch.optim.Muon's order: the norm of the low-precision copy
+            x.copy_(g)
+            x.div_(_spectral_bound(x.norm(dim=(-2, -1), keepdim=True), self.orthogonalizer))
+        u = g.copy_(self._iterate_shared(x, _coefficients(self.orthogonalizer, group["ns_steps"])))
 
         # Muon+ (a fixed Frobenius norm sqrt(min(rows, cols)), whatever the iteration left) and NorMuon (a per-row,
-        # or per-column, second moment, rescaled so the update keeps its total norm) end in one multiplication.
+        # or per-column, second moment, rescaled so the update keeps its total norm) end in one per-row (or
+        # per-column) factor, applied in the update itself.
         target_norm = math.sqrt(min(rows, cols))
+        square = self._buffer("square", shape, work, device)
         if second is not None:
             red_dim = -1 if rows >= cols else -2
             size = u.size(red_dim)
-            v_mean = u.norm(dim=red_dim, keepdim=True).square_().div_(size)
+            # a sum of squares: torch's norm along a strided dimension is ~10x slower on CPU
+            v_mean = torch.mul(u, u, out=square).sum(dim=red_dim, keepdim=True).div_(size)
             scale = 1.0
             if self.renormalize:
                 scale = target_norm / (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt().clamp_min(1e-12)
@@ -227,46 +293,43 @@ class MuonAdamW(torch.optim.Optimizer):
             second.lerp_(v_mean, 1 - group["beta2"])
             step_size = second.clamp_min(1e-10).rsqrt()
             v_norm_new = ((v_mean * size) * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-            u.mul_(step_size * (scale * v_norm / v_norm_new.clamp_min(1e-10)))
+            factor = step_size * (scale * v_norm / v_norm_new.clamp_min(1e-10))
         elif self.renormalize:
-            u.mul_(target_norm / u.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
+            factor = target_norm / u.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        else:
+            factor = torch.ones(len(params), 1, 1, dtype=work, device=device)
 
         lr = group["lr"]
         adjusted_lr = lr * math.sqrt(max(1.0, rows / cols))
         wd = group["weight_decay"]
         # parameters already in the working dtype are updated in place; others through an fp32 (or fp64) copy
         masters = [p if p.dtype == work else p.to(work) for p in params]
-        for master, update in zip(masters, u.unbind(0), strict=True):
+        for master, direction, f, agree in zip(masters, u.unbind(0), factor.unbind(0), square.unbind(0), strict=True):
             if wd and self.cautious_weight_decay:
-                # decay only where the update and the weight agree in sign (arXiv 2411.16085); ge_ in place
-                # leaves a 0/1 mask in the working dtype
-                agree = (update * master).ge_(0)
+                # decay only where the update and the weight agree in sign (arXiv 2411.16085); the factor is
+                # positive, so the direction's sign is the update's; ge_ in place leaves a 0/1 mask
+                torch.mul(direction, master, out=agree).ge_(0)
                 master.addcmul_(master, agree, value=-adjusted_lr * wd)
             elif wd:
                 master.mul_(1 - lr * wd)
-            master.add_(update, alpha=-adjusted_lr)
+            master.addcmul_(direction, f, value=-adjusted_lr)
         for p, master in zip(params, masters, strict=True):
             if master is not p:
                 p.copy_(master)
 
-    def _orthogonalize_shared(self, g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
-        """Orthogonalise the stack (result in g's dtype); under torch.distributed each rank does a contiguous share,
-        then all-gather."""
+    def _iterate_shared(self, x: Tensor, coeffs: tuple[tuple[float, float, float], ...]) -> Tensor:
+        """Orthogonalise the normalised stack x; under torch.distributed each rank iterates on a contiguous share,
+        then an all-gather shares the results."""
         if not _distributed():
-            if g.is_cuda:
-                return orthogonalize(g, steps, self.orthogonalizer, dtype).to(g.dtype)
-            out = torch.empty_like(g)
-            for src, dst in zip(g.unbind(0), out.unbind(0), strict=True):
-                dst.copy_(orthogonalize(src, steps, self.orthogonalizer, dtype))
-            return out
+            return _iterate(x, coeffs, self._buffer)
         world, rank = dist.get_world_size(), dist.get_rank()
-        chunk = math.ceil(g.size(0) / world)
-        padded = torch.zeros((chunk * world, *g.shape[1:]), dtype=g.dtype, device=g.device)
-        padded[: g.size(0)] = g
-        mine = orthogonalize(padded[rank * chunk : (rank + 1) * chunk], steps, self.orthogonalizer, dtype)
+        chunk = math.ceil(x.size(0) / world)
+        padded = torch.zeros((chunk * world, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.size(0)] = x
+        mine = _iterate(padded[rank * chunk : (rank + 1) * chunk], coeffs, _fresh)
         pieces = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(pieces, mine.contiguous())
-        return torch.cat(pieces)[: g.size(0)].to(g.dtype)
+        return torch.cat(pieces)[: x.size(0)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

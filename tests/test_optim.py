@@ -223,6 +223,22 @@ def test_cpu_chunks_step_exactly_like_whole_stacks(tiny_model_factory, monkeypat
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[key][field])), (key, field)
 
 
+def test_buffers_kept_across_steps_change_nothing(tiny_model_factory, monkeypatch):
+    """On CPU the Muon temporaries are kept from step to step and shared by groups of one shape; a step must come
+    out exactly as with fresh temporaries every time (as on GPU)."""
+    results = []
+    for keep in (True, False):
+        if not keep:
+            monkeypatch.setattr(MuonAdamW, "_buffer", lambda self, name, shape, dtype, device: torch.full(
+                shape, float("nan"), dtype=dtype, device=device))  # nan: a read before a write would show
+        model = tiny_model_factory("2026", seed=4).train()
+        opt, _ = _train(model, {}, steps=3)
+        assert bool(opt._scratch) == keep
+        results.append(model.state_dict())
+    for name, a in results[0].items():
+        assert torch.equal(a, results[1][name]), name
+
+
 def test_step_accepts_a_closure():
     (p,) = _matrices(6, [(8, 8)])
     opt = MuonAdamW([dict(kind="muon", params=[p], lr=0.01)])
