@@ -67,7 +67,7 @@ def orthogonalize(g: Tensor, steps: int, method: str, dtype: torch.dtype) -> Ten
     return _iterate(x, coeffs, _fresh)
 
 
-def _iterate(x: Tensor, coeffs: tuple[tuple[float, float, float], ...], buffer: Buffer = _fresh) -> Tensor:
+def _iterate(x: Tensor, coeffs: tuple[tuple[float, float, float], ...], buffer: Buffer) -> Tensor:
     """The odd polynomial iteration on a normalised x: X <- aX + (bA + cA^2) X with A = X X^T, the Gram matrix on
     the smaller side (for a tall X, X <- aX + X (bA + cA^2) with A = X^T X: the same products, no transposed copy).
 
@@ -266,9 +266,9 @@ class MuonAdamW(torch.optim.Optimizer):
             # (In place, then a copy: a multiplication that writes another dtype is ~10x slower on CPU.)
             row_norms = g.norm(dim=-1, keepdim=True)
             target = row_norms.square().sum(dim=(-2, -1), keepdim=True).sqrt() / math.sqrt(rows)
-            factor = target / row_norms.clamp_min(1e-12)
-            frobenius = (factor * row_norms).square().sum(dim=(-2, -1), keepdim=True).sqrt()
-            x.copy_(g.mul_(factor / _spectral_bound(frobenius, self.orthogonalizer)))
+            row_factor = target / row_norms.clamp_min(1e-12)
+            frobenius = (row_factor * row_norms).square().sum(dim=(-2, -1), keepdim=True).sqrt()
+            x.copy_(g.mul_(row_factor / _spectral_bound(frobenius, self.orthogonalizer)))
         else:
             # torch.optim.Muon's order: the norm of the low-precision copy
             x.copy_(g)
@@ -326,7 +326,7 @@ class MuonAdamW(torch.optim.Optimizer):
         chunk = math.ceil(x.size(0) / world)
         padded = torch.zeros((chunk * world, *x.shape[1:]), dtype=x.dtype, device=x.device)
         padded[: x.size(0)] = x
-        mine = _iterate(padded[rank * chunk : (rank + 1) * chunk], coeffs, _fresh)
+        mine = _iterate(padded[rank * chunk : (rank + 1) * chunk], coeffs, self._buffer)
         pieces = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(pieces, mine.contiguous())
         return torch.cat(pieces)[: x.size(0)]

@@ -1,6 +1,7 @@
 """The Engine on real NanoChat models: greedy decoding against transformers' `generate`, the replicated prompt cache
-against separate prefills and full forwards, rows selected from a cache against their own sequences, seeded sampling, the calculator tool forced into the stream (on a model
-whose weights spell out a tool call), UTF-8-safe streaming, and loading by repo id with nanochat_hf absent."""
+against separate prefills and full forwards, rows selected from a cache against their own sequences, seeded
+sampling, the calculator tool forced into the stream (on a model whose weights spell out a tool call), UTF-8-safe
+streaming, and loading by repo id with nanochat_hf absent."""
 
 import json
 import os

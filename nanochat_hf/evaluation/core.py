@@ -198,14 +198,13 @@ def score_requests(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # NanoChat's cache works with the engine's KVCache, and its head can run on gathered hidden states.
     ours = getattr(model.config, "model_type", None) == "nanochat_hf" and hasattr(model, "logits_from_hidden")
-    prefix_of = {id(r): shared_prefix_length(r) if ours else 0 for r in requests}
-    order = sorted(range(len(requests)),
-                   key=lambda i: (prefix_of[id(requests[i])], max(len(s) for s in requests[i].sequences)))
+    score = _score_nanochat_group if ours else _score_group
+    prefixes = [shared_prefix_length(r) if ours else 0 for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: (prefixes[i], max(len(s) for s in requests[i].sequences)))
     results: list[ExampleResult | None] = [None] * len(requests)
     for b in range(0, len(order), batch_size):
         group = [requests[i] for i in order[b : b + batch_size]]
-        score = _score_nanochat_group if ours else _score_group
-        means, greedy = score(model, group, [prefix_of[id(r)] for r in group], pad_token_id)
+        means, greedy = score(model, group, [prefixes[i] for i in order[b : b + batch_size]], pad_token_id)
         j = 0
         for i, r in zip(order[b : b + batch_size], group, strict=True):
             n = len(r.sequences)
