@@ -18,6 +18,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
+try:  # flex attention needs torch >= 2.5 and a platform with Triton or a C++ compiler
+    from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE as FLEX_BLOCK_SIZE
+    from torch.nn.attention.flex_attention import BlockMask
+except ImportError:  # pragma: no cover
+    BlockMask, FLEX_BLOCK_SIZE = None, 128
+
 from .configuration_nanochat import NanoChatConfig
 
 # transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`; support both.
@@ -49,17 +55,67 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Reference attention on a boolean mask (True = attend); (B, H, T, D) layout like SDPA."""
+    """Reference attention on a boolean mask (True = attend); (B, H, T, D) layout like SDPA. It scores every
+    (query, key) pair, so the model always hands it a dense mask."""
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is None:
-        attention_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
     scores = scores.masked_fill(~attention_mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def sdpa_window_attention_forward(
+    module, query, key, value, attention_mask, scaling, dropout=0.0, sliding_window=None, **kwargs
+):
+    """SDPA with nanochat's windows. Given no mask (no padding, no cache), a windowed layer attends band by band
+    (`banded_sdpa`) instead of through a dense (T, T) mask; everything else is transformers' SDPA."""
+    T = query.shape[2]
+    if attention_mask is None and sliding_window is not None and key.shape[2] == T and T > sliding_window:
+        return banded_sdpa(query, key, value, sliding_window - 1, scaling, dropout if module.training else 0.0), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def banded_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, scaling: float, dropout: float = 0.0
+) -> torch.Tensor:
+    """Causal attention in which query t sees keys t - window .. t, with no (T, T) mask.
+
+    The sequence is cut into chunks of `window` positions. The first chunk is plain causal attention; each later
+    chunk's queries see exactly the keys of their own and the previous chunk, through one (window, 2 * window)
+    band mask shared by all chunks. Work and memory grow as T * window instead of T^2. Returns (B, T, H, D).
+    """
+    B, H, T, D = query.shape
+    kv_heads = key.shape[1]
+    c = window
+    n = -(-T // c)
+    if n * c != T:  # pad the tail: padded queries are dropped and padded keys come after every real query
+        pad = (0, 0, 0, n * c - T)
+        query, key, value = F.pad(query, pad), F.pad(key, pad), F.pad(value, pad)
+    gqa = {"enable_gqa": True} if kv_heads != H else {}
+    first = F.scaled_dot_product_attention(
+        query[:, :, :c], key[:, :, :c], value[:, :, :c], is_causal=True, dropout_p=dropout, scale=scaling, **gqa
+    )
+    if n == 1:
+        return first[:, :, :T].transpose(1, 2)
+
+    def pairs(x: torch.Tensor) -> torch.Tensor:
+        # (B, h, n*c, D) -> (B*(n-1), h, 2c, D): for chunk i >= 1, the keys of chunks i-1 and i
+        x = x.view(B, x.shape[1], n, c, D)
+        x = torch.cat((x[:, :, :-1], x[:, :, 1:]), dim=3)
+        return x.transpose(1, 2).reshape(B * (n - 1), x.shape[1], 2 * c, D)
+
+    q = query.view(B, H, n, c, D)[:, :, 1:].transpose(1, 2).reshape(B * (n - 1), H, c, D)
+    r = torch.arange(c, device=query.device)[:, None]
+    j = torch.arange(2 * c, device=query.device)[None, :]
+    band = (j >= r) & (j <= r + c)  # query r (position ic + r) sees key j (position (i-1)c + j) iff 0 <= ic+r - that <= c
+    rest = F.scaled_dot_product_attention(
+        q, pairs(key), pairs(value), attn_mask=band, dropout_p=dropout, scale=scaling, **gqa
+    )
+    rest = rest.view(B, n - 1, H, c, D).transpose(1, 2).reshape(B, H, (n - 1) * c, D)
+    return torch.cat((first, rest), dim=2)[:, :, :T].transpose(1, 2)
 
 
 def attention_mask_for_window(
@@ -83,6 +139,89 @@ def attention_mask_for_window(
     return mask
 
 
+def flex_block_mask_for_window(
+    window: int, query_len: int, past_len: int, padding_mask: torch.Tensor | None, device: torch.device
+) -> "BlockMask":
+    """flex_attention's BlockMask for a causal window (-1: any), with padded keys removed.
+
+    Built from the block structure directly (which (query, key) tiles the band touches, which it covers whole),
+    so no dense mask is evaluated: flex skips every tile outside the band and applies the mask function only on
+    the tiles the band's edges cross. With padding, every touched tile is checked element by element; a padded
+    query row whose keys are all padding gets zeros.
+    """
+    size = FLEX_BLOCK_SIZE
+    key_len = past_len + query_len
+    q_first = past_len + torch.arange(0, query_len, size, device=device)  # absolute positions
+    q_last = torch.clamp(q_first + size - 1, max=key_len - 1)
+    k_first = torch.arange(0, key_len, size, device=device)
+    k_last = torch.clamp(k_first + size - 1, max=key_len - 1)
+    touched = k_first[None, :] <= q_last[:, None]
+    whole = k_last[None, :] <= q_first[:, None]
+    if window >= 0:
+        touched = touched & (q_first[:, None] - k_last[None, :] <= window)
+        whole = whole & (q_last[:, None] - k_first[None, :] <= window)
+    # tail tiles (shorter than a block) go through the mask function, which knows the real lengths
+    whole = whole & (q_first + size <= key_len)[:, None] & (k_first + size <= key_len)[None, :]
+    if padding_mask is not None:
+        whole = torch.zeros_like(whole)
+    partial = touched & ~whole
+
+    def blocks(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # per query tile: how many key tiles, and their indices first (a stable sort keeps them ascending)
+        counts = rows.sum(dim=-1, dtype=torch.int32)
+        indices = torch.argsort(rows.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None], indices[None, None]
+
+    keys = None if padding_mask is None else padding_mask[:, :key_len].bool()
+    # Decoding: a tensor, not a constant, or compiled flex would recompile at every step. Training and prefill: a
+    # plain 0 (inductor's CPU flex kernel can't take a tensor made inside a compiled graph).
+    offset = torch.tensor(past_len, device=device) if past_len else 0
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q = q_idx + offset
+        allowed = kv_idx <= q
+        if window >= 0:
+            allowed = allowed & (q - kv_idx <= window)
+        if keys is not None:
+            allowed = allowed & keys[b, kv_idx]
+        return allowed
+
+    kv_num, kv_idx = blocks(partial)
+    full_num, full_idx = blocks(whole)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(query_len, key_len)
+    )
+
+
+def is_flash(attn_implementation: str) -> bool:
+    """flash_attention_2/3 and Hub flash kernels (e.g. kernels-community/flash-attn3), as transformers names them."""
+    return "flash" in attn_implementation
+
+
+def attention_inputs(
+    attn_implementation: str,
+    windows: set[int],
+    query_len: int,
+    past_len: int,
+    padding_mask: torch.Tensor | None,
+    device: torch.device,
+) -> dict[int, object]:
+    """What each window's layers hand their attention backend as `attention_mask`, in that backend's terms.
+
+    flash: the 2-D padding mask (or None); the window itself travels as `sliding_window`. flex: a BlockMask.
+    sdpa with no padding and no cache: None (causal, or banded for a short window). Otherwise (eager, sdpa with
+    padding or a cache, any other registered backend): a dense boolean mask.
+    """
+    if is_flash(attn_implementation):
+        mask = None if padding_mask is None else padding_mask[:, : past_len + query_len]
+        return dict.fromkeys(windows, mask)
+    if attn_implementation == "flex_attention":
+        return {w: flex_block_mask_for_window(w, query_len, past_len, padding_mask, device) for w in windows}
+    if attn_implementation == "sdpa" and padding_mask is None and past_len == 0:
+        return dict.fromkeys(windows)
+    return {w: attention_mask_for_window(w, query_len, past_len, padding_mask, device) for w in windows}
+
+
 class NanoChatAttention(nn.Module):
     def __init__(self, config: NanoChatConfig, layer_idx: int):
         super().__init__()
@@ -93,6 +232,8 @@ class NanoChatAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.window = config.layer_windows[layer_idx]
+        # transformers' (and flash's) convention counts the current token: `sliding_window` = nanochat's window + 1
+        self.sliding_window = self.window + 1 if self.window >= 0 else None
         # nanochat multiplies q and k by qk_scale after QK-norm; folding both into the softmax scale is the same.
         self.scaling = config.qk_scale**2 / math.sqrt(self.head_dim)
         self.is_causal = True
@@ -116,10 +257,14 @@ class NanoChatAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = hidden_states.shape
         # One matmul for q, k and v (the weights keep the built-in class's three names); then q and k share one
-        # RoPE and one QK-norm pass.
-        weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-        qkv = F.linear(hidden_states, weight).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qkv = qkv.transpose(1, 2)
+        # RoPE and one QK-norm pass. Projections that are not plain Linear layers (FP8 training swaps in torchao's
+        # Float8Linear) run as themselves.
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if all(type(p) is nn.Linear for p in projections):
+            qkv = F.linear(hidden_states, torch.cat([p.weight for p in projections]))
+        else:
+            qkv = torch.cat([p(hidden_states) for p in projections], dim=-1)
+        qkv = qkv.view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim).transpose(1, 2)
         qk, v = qkv.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=1)
         if self.ve_gate is not None:
             channels = self.config.value_embed_gate_channels
@@ -131,12 +276,30 @@ class NanoChatAttention(nn.Module):
         q, k = rms_norm(apply_rotary(qk, cos, sin), self.config.rms_norm_eps).split(
             (self.num_heads, self.num_kv_heads), dim=1
         )
+        # RoPE tables in the embeddings' dtype can lift q and k above v's under autocast; SDPA casts them back
+        # itself, flex and flash need one dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        attention = eager_attention_forward
-        if self.config._attn_implementation != "eager":
-            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sdpa_attention_forward)
-        out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        implementation = self.config._attn_implementation
+        if implementation == "flex_attention":
+            # v is a strided view of the fused projection; inductor's CPU flex kernel (torch 2.13) reads such a
+            # view wrongly inside a compiled model (tests/test_compile.py), so it gets its own storage
+            v = v.contiguous()
+        if implementation == "eager":
+            attention = eager_attention_forward
+        elif implementation == "sdpa":
+            attention = sdpa_window_attention_forward
+        else:
+            # flash-attn and the Hub's kernels are CUDA code; a CPU tensor would crash inside them
+            if q.device.type == "cpu" and (implementation.startswith("flash_attention_") or "/" in implementation):
+                raise ValueError(
+                    f"attn_implementation={implementation!r} runs on CUDA GPUs only and this model is on the CPU: use "
+                    "'sdpa' (the default), 'eager' or 'flex_attention' there, or move the model to a GPU."
+                )
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, sdpa_window_attention_forward)
+        out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0,
+                           sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -180,10 +343,23 @@ class NanoChatPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["NanoChatDecoderLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = False
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        try:
+            return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
+        except (ImportError, ValueError) as error:
+            if not attn_implementation or not is_flash(attn_implementation):
+                raise
+            raise type(error)(
+                f"{error}\nNanoChat: attn_implementation={attn_implementation!r} needs a CUDA GPU and its package: "
+                "`pip install flash-attn` for 'flash_attention_2', `pip install kernels` (and Hub access) for "
+                "'kernels-community/flash-attn3' on Hopper. Without them use 'sdpa' (the default) or "
+                "'flex_attention'; on the CPU, 'sdpa' or 'eager'."
+            ) from error
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -317,17 +493,13 @@ class NanoChatModel(NanoChatPreTrainedModel):
             x = self._smear(x, cache, past_len, attention_mask)
         x0 = x
 
-        # One boolean mask per distinct window; `None` lets SDPA take its fused causal path.
-        plain_causal = attention_mask is None and past_len == 0 and config._attn_implementation != "eager"
-        if attention_mask is not None and bool(attention_mask.all()):
-            plain_causal = past_len == 0 and config._attn_implementation != "eager"
+        # A mask of ones is no mask: the backends' unmasked paths are the fast ones. (Not while compiling: reading
+        # the mask's values would break the graph.)
+        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
             attention_mask = None
-        masks = {}
-        for window in set(config.layer_windows):
-            if plain_causal and (window < 0 or window >= T - 1):
-                masks[window] = None
-            else:
-                masks[window] = attention_mask_for_window(window, T, past_len, attention_mask, x.device)
+        masks = attention_inputs(
+            config._attn_implementation, set(config.layer_windows), T, past_len, attention_mask, x.device
+        )
 
         position_embeddings = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
         x_backout = None
