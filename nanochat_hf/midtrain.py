@@ -35,6 +35,7 @@ from .pretrain import (
     keep_local_gloo_on_loopback,
     latest_checkpoint,
     parse_args,
+    prepare_for_training,
     require_model_folder,
     save_final,
     training_arguments,
@@ -126,6 +127,7 @@ def train(run: MidtrainArguments) -> Path:
     world, rank = training_args.world_size, training_args.process_index
     tokenizer = load_tokenizer(run.tokenizer or run.init_from)
     model = NanoChatForCausalLM.from_pretrained(run.init_from)
+    prepare_for_training(model, run, training_args.device)
     seq = model.config.max_position_embeddings
 
     with training_args.main_process_first(desc="rendering the mixture"):

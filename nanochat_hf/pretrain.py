@@ -22,6 +22,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_utils import rotate_checkpoints
 
 from .data.pretrain import PretrainStream, evaluate_bpb
+from .fp8 import FP8_RECIPES, check_fp8_support, convert_to_fp8, fp8_disabled
 from .init_model import build_model, publish_folder, save_atomically
 from .modeling_nanochat import NanoChatForCausalLM
 from .optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups
@@ -70,6 +71,26 @@ class PretrainArguments:
     seed: int = field(default=42, metadata={"help": "random seed"})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard or trackio"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (the accelerate config may also set it)"})
+    torch_compile: bool = field(default=False,
+                                metadata={"help": "compile the model (torch.compile, dynamic=False, as nanochat)"})
+    fp8: bool = field(default=False, metadata={"help": "FP8 training of the block's Linear layers through torchao "
+                                               "(CUDA GPUs of compute capability >= 8.9; needs --bf16 true)"})
+    fp8_recipe: str = field(default="tensorwise", metadata={"help": "torchao float8 recipe: tensorwise or rowwise"})
+
+
+def prepare_for_training(model: NanoChatForCausalLM, run: PretrainArguments, device: torch.device) -> None:
+    """FP8 conversion, then compilation, in nanochat's order. Both act in place, so the Trainer, DDP, the optimizer
+    and `save_pretrained` see the same module with the same parameter names. Refuses --fp8 where it can't run."""
+    if run.fp8:
+        check_fp8_support(device)
+        if run.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"--fp8_recipe {run.fp8_recipe!r}: use one of {', '.join(FP8_RECIPES)}")
+        if not run.bf16:
+            raise ValueError("--fp8 trains under bf16 autocast, as nanochat does: add --bf16 true")
+        convert_to_fp8(model, run.fp8_recipe)
+    if run.torch_compile:
+        # the module compiles itself (not a wrapper), so checkpoints keep their names and DDP wraps it as usual
+        model.compile(dynamic=False)
 
 
 class NanoChatOptimizerFactory:
@@ -131,7 +152,8 @@ class PretrainTrainer(Trainer):
         if self.token_bytes is None:
             self.token_bytes = token_bytes(self.processing_class).to(self.args.device)
         self.model.eval()
-        bpb = evaluate_bpb(self.model, self.val_stream_fn(), self.token_bytes)
+        with fp8_disabled(self.model):  # nanochat evaluates in bf16
+            bpb = evaluate_bpb(self.model, self.val_stream_fn(), self.token_bytes)
         self.model.train()
         metrics = {f"{metric_key_prefix}_bpb": bpb}
         if self.args.should_save:  # the report's bpb curve, beside losses.jsonl
@@ -341,6 +363,7 @@ def train(run: PretrainArguments) -> Path:
     world, rank = training_args.world_size, training_args.process_index
     tokenizer = load_tokenizer(run.tokenizer)
     model = build_pretrain_model(run, tokenizer)
+    prepare_for_training(model, run, training_args.device)
     plan = plan_training(
         model.config, device_batch_size=run.device_batch_size, world_size=world,
         target_param_data_ratio=run.target_param_data_ratio, total_batch_size=run.total_batch_size,

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from transformers import AutoModelForCausalLM
@@ -140,6 +141,33 @@ def test_pretrain_writes_atomic_checkpoints_and_a_final_model(workdir, tmp_path)
     assert len(trajectory) == 12 and trajectory[-1] < trajectory[0]
     model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
     assert model.config.num_hidden_layers == 2
+
+
+def test_compiled_run_follows_the_eager_trajectory(workdir, tmp_path):
+    """--torch_compile compiles the model in place: the same losses as eager (the short-window 2026 model, whose
+    banded attention compiles too), and a final folder with the model's own parameter names."""
+    common = dict(num_iterations=6, eval_every=3, save_every=-1, generation="2026", window_pattern="SL")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    train(parse_args(tiny_argv(workdir, eager, **common)))
+    torch._dynamo.reset()
+    final = train(parse_args(tiny_argv(workdir, compiled, torch_compile=True, **common)))
+    a, b = losses(eager), losses(compiled)
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-4
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
+    reference = AutoModelForCausalLM.from_pretrained(eager / "final", trust_remote_code=True)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (dict(fp8=True, bf16=True), "CPU"),
+    (dict(fp8=True, fp8_recipe="rowwise"), "CPU"),
+])
+def test_fp8_is_refused_at_start_up_where_it_cannot_run(workdir, tmp_path, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=f"--fp8 cannot run here.*{message}.*drop --fp8"):
+        train(parse_args(tiny_argv(workdir, out, **extra)))
+    assert not out.exists() or not any(out.iterdir())
 
 
 def _spawn(argv: list[str], cwd: Path) -> subprocess.Popen:
