@@ -37,6 +37,7 @@ bench: install
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/eval.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/compile.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache

@@ -27,10 +27,8 @@ from .init_model import build_model, publish_folder, save_atomically
 from .modeling_nanochat import NanoChatForCausalLM
 from .optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups
 from .tokenizer import load_tokenizer, token_bytes
-from .training_plan import TrainingPlan, plan_training
+from .training_plan import TrainingPlan, gpu_peak_flops, plan_training
 
-# Peak dense bf16 FLOP/s per GPU, as nanochat's table; a GPU not listed reports no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DATA_STATE = "data_state_rank{rank}.pt"
 
 
@@ -222,9 +220,8 @@ class Throughput:
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak = None
-        if torch.cuda.is_available():
-            name = torch.cuda.get_device_name()
-            self.peak = next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), None)
+        if torch.cuda.is_available():  # a GPU nanochat's table doesn't list reports no MFU
+            self.peak = gpu_peak_flops(torch.cuda.get_device_name())
         self.last: tuple[int, float] | None = None
 
     def measure(self, step: int) -> dict[str, float]:

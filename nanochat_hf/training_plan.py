@@ -73,3 +73,23 @@ def plan_training(
         weight_decay=weight_decay * math.sqrt(total_batch_size / B_REF) * (d_ref / max(target_tokens, 1)),
         scaling_params=params,
     )
+
+
+# Peak dense bf16 FLOP/s per GPU, nanochat's `get_peak_flops` table (the MFU denominator; fp8 runs are divided by it
+# too). The first entry whose name occurs in the device name wins, so the variants come before their family.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200 NVL", 836e12),
+    ("H200 PCIe", 836e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """nanochat's peak for a CUDA device name (`torch.cuda.get_device_name()`); None for a GPU it doesn't list."""
+    return next((flops for gpu, flops in PEAK_FLOPS if gpu in device_name), None)

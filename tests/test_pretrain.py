@@ -249,3 +249,14 @@ def test_accelerate_launch_runs_real_steps(workdir, tmp_path, config):
     if config == "cpu_2proc":
         assert (out / "checkpoint-4" / "data_state_rank1.pt").exists()
         assert "gradient_accumulation_steps\": 1" in result.stdout  # 1024 tokens = 2 ranks x 4 rows x 128
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 836e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA B200", 2.25e15), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_mfu_uses_nanochats_peak_table(name, peak):
+    from nanochat_hf.training_plan import gpu_peak_flops
+
+    assert gpu_peak_flops(name) == peak
