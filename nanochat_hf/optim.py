@@ -5,6 +5,11 @@ orthogonalisation -> Muon+ renormalisation -> NorMuon variance reduction -> caut
 nanochat's shape-based LR factor `sqrt(max(1, rows / cols))`. Each stage can be switched off; with all of them off
 and `orthogonalizer="newton_schulz"` the step is exactly `torch.optim.Muon` (the tests use it as the oracle).
 
+Two paths run the same maths (`adamw_update`, `muon_prepare`, `_iterate`, `muon_finish` below, one definition each):
+eager, and compiled as nanochat compiles its fused steps (`torch.compile(dynamic=False, fullgraph=True)`, the
+step-varying hyper-parameters passed as 0-D tensors so that a schedule recompiles nothing). `compile_step=None`
+picks compiled on CUDA and eager on CPU (see `MuonAdamW._compiles` for the CPU measurements).
+
 Distributed (DDP): gradients arrive averaged, every rank keeps the full optimizer state, and only the expensive
 part, the orthogonalisation, is split: rank r orthogonalises its share of each stack and an all-gather shares the
 results. So every rank's state_dict is complete, a checkpoint resumes on any world size, and N processes step
@@ -29,7 +34,7 @@ POLAR_EXPRESS_COEFFS = (
 # Keller Jordan's quintic Newton-Schulz, as in torch.optim.Muon.
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 
-# On CPU a Muon group is updated one matrix at a time (cache-sized temporaries, 2-D matmuls).
+# On CPU the eager path updates a Muon group one matrix at a time (cache-sized temporaries, 2-D matmuls).
 CPU_MATRICES_PER_UPDATE = 1
 
 FSDP_ERROR = (
@@ -40,6 +45,8 @@ FSDP_ERROR = (
 
 # name, shape, dtype, device -> a temporary
 Buffer = Callable[[str, tuple[int, ...], torch.dtype, torch.device], Tensor]
+# A hyper-parameter of the step: a Python number on the eager path, a 0-D tensor on the compiled one.
+Scalar = float | Tensor
 
 
 def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -61,13 +68,89 @@ def _spectral_bound(frobenius: Tensor, method: str) -> Tensor:
 
 def orthogonalize(g: Tensor, steps: int, method: str, dtype: torch.dtype) -> Tensor:
     """Approximate U V^T of a (rows, cols) matrix or of each matrix of a (K, rows, cols) stack."""
-    coeffs = _coefficients(method, steps)
     x = g.to(dtype, copy=True)
     x.div_(_spectral_bound(x.norm(dim=(-2, -1), keepdim=True), method))
-    return _iterate(x, coeffs, _fresh)
+    return _iterate(x, method, steps, _fresh)
 
 
-def _iterate(x: Tensor, coeffs: tuple[tuple[float, float, float], ...], buffer: Buffer) -> Tensor:
+# ---------------------------------------------------------------------------------------------------------------
+# The maths, one definition for both paths. Eager: Python numbers, and `buffer` is MuonAdamW._buffer (temporaries
+# kept from step to step on CPU, written through out=). Compiled: 0-D tensors, and `buffer` is _fresh, whose empty
+# tensors and out= writes the compiler turns into its own fused kernels (no temporary survives the graph). The few
+# ops that take a number only (addcmul_'s and addcdiv_'s `value`) go through the helpers below; a Python `if` on a
+# hyper-parameter is taken only for a number (a tensor's value must not steer the graph, or it would recompile).
+
+
+def _addcmul_(out: Tensor, a: Tensor, b: Tensor, value: Scalar) -> Tensor:
+    """out += value * a * b, in torch's addcmul order."""
+    if isinstance(value, Tensor):
+        return out.add_(value * a * b)
+    return out.addcmul_(a, b, value=value)
+
+
+def _addcdiv_(out: Tensor, a: Tensor, b: Tensor, value: Scalar) -> Tensor:
+    """out += value * a / b, in torch's addcdiv order."""
+    if isinstance(value, Tensor):
+        return out.add_(value * a / b)
+    return out.addcdiv_(a, b, value=value)
+
+
+def _may_be_nonzero(value: Scalar) -> bool:
+    return isinstance(value, Tensor) or value != 0
+
+
+def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, decay: Scalar,
+                 beta1_weight: Scalar, beta2_weight: Scalar, bias2: Scalar, eps: Scalar,
+                 neg_step_size: Scalar) -> None:
+    """One AdamW step of one parameter (decoupled weight decay), in the state's dtype. The caller folds the step
+    count into the scalars: decay = 1 - lr * wd, beta_weight = 1 - beta, bias2 = 1 - beta2^t,
+    neg_step_size = -lr / (1 - beta1^t)."""
+    work = exp_avg.dtype
+    g = grad.to(work)
+    master = p if p.dtype == work else p.to(work)
+    master.mul_(decay)
+    exp_avg.lerp_(g, beta1_weight)
+    exp_avg_sq.lerp_(g.square(), beta2_weight)
+    denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
+    _addcdiv_(master, exp_avg, denom, neg_step_size)
+    if p.dtype != work:
+        p.copy_(master)
+
+
+def muon_prepare(grads: Tensor, momentum_buffer: Tensor, momentum: Scalar, momentum_weight: Scalar, *,
+                 nesterov: bool, row_equilibration: bool, method: str, ortho_dtype: torch.dtype,
+                 buffer: Buffer) -> Tensor:
+    """Muon up to the orthogonalisation, for a (K, rows, cols) stack of gradients in the state's dtype: the momentum
+    (momentum_weight = 1 - momentum) and MuonEq, then the iteration's input in its dtype, divided by the method's
+    bound on the spectral norm. Written for few passes over memory, each into a buffer: on CPU the elementwise
+    stages, not the matmuls, are what a step adds over plain Muon."""
+    rows = grads.size(-2)
+    work, device = momentum_buffer.dtype, momentum_buffer.device
+    momentum_buffer.lerp_(grads, momentum_weight)
+    g = buffer("g", grads.shape, work, device)
+    if nesterov:
+        torch.lerp(grads, momentum_buffer, momentum, out=g)
+    else:
+        g.copy_(momentum_buffer)
+    # bf16 on every device: nanochat's and torch.optim.Muon's choice; the iteration is an approximation anyway
+    x = buffer("ortho_in", grads.shape, ortho_dtype, device)
+    if row_equilibration:
+        # MuonEq: every row to the mean row norm, so no row dominates the orthogonalisation. Then every row has
+        # that norm, so the Frobenius norm is known without another pass: one multiplication does both.
+        # (In place, then a copy: a multiplication that writes another dtype is ~10x slower on CPU.)
+        row_norms = g.norm(dim=-1, keepdim=True)
+        target = row_norms.square().sum(dim=(-2, -1), keepdim=True).sqrt() / math.sqrt(rows)
+        row_factor = target / row_norms.clamp_min(1e-12)
+        frobenius = (row_factor * row_norms).square().sum(dim=(-2, -1), keepdim=True).sqrt()
+        x.copy_(g.mul_(row_factor / _spectral_bound(frobenius, method)))
+    else:
+        # torch.optim.Muon's order: the norm of the low-precision copy
+        x.copy_(g)
+        x.div_(_spectral_bound(x.norm(dim=(-2, -1), keepdim=True), method))
+    return x
+
+
+def _iterate(x: Tensor, method: str, steps: int, buffer: Buffer) -> Tensor:
     """The odd polynomial iteration on a normalised x: X <- aX + (bA + cA^2) X with A = X X^T, the Gram matrix on
     the smaller side (for a tall X, X <- aX + X (bA + cA^2) with A = X^T X: the same products, no transposed copy).
 
@@ -75,16 +158,16 @@ def _iterate(x: Tensor, coeffs: tuple[tuple[float, float, float], ...], buffer: 
     goes through batched matmuls (one kernel per iteration on GPU); a one-matrix stack through 2-D ones, which CPU
     BLAS runs about 10% faster. The result lives in a buffer: use it before the next call."""
     if x.dim() == 3 and x.size(0) == 1:
-        return _iterate(x[0], coeffs, buffer).unsqueeze(0)
+        return _iterate(x[0], method, steps, buffer).unsqueeze(0)
     mm, mm_add = (torch.mm, torch.addmm) if x.dim() == 2 else (torch.bmm, torch.baddbmm)
     tall = x.size(-2) > x.size(-1)
     side = x.size(-1) if tall else x.size(-2)
     gram = buffer("gram", (*x.shape[:-2], side, side), x.dtype, x.device)
     poly = buffer("poly", gram.shape, x.dtype, x.device)
     nxt = buffer("iterate", x.shape, x.dtype, x.device)
-    if nxt.data_ptr() == x.data_ptr():
+    if not torch.compiler.is_compiling() and nxt.data_ptr() == x.data_ptr():  # (compiled: fresh, and no pointers)
         nxt = buffer("iterate2", x.shape, x.dtype, x.device)
-    for a, b, c in coeffs:
+    for a, b, c in _coefficients(method, steps):
         if tall:
             mm(x.mT, x, out=gram)
             mm_add(gram, gram, gram, beta=b, alpha=c, out=poly)
@@ -95,6 +178,92 @@ def _iterate(x: Tensor, coeffs: tuple[tuple[float, float, float], ...], buffer: 
             mm_add(x, poly, x, beta=a, out=nxt)
         x, nxt = nxt, x
     return x
+
+
+def muon_finish(masters: Tensor, ortho: Tensor, second: Tensor | None, beta2_weight: Scalar, neg_lr: Scalar,
+                neg_lr_wd: Scalar, decay: Scalar, *, renormalize: bool, cautious: bool, buffer: Buffer) -> None:
+    """Muon after the orthogonalisation: updates the (K, rows, cols) stack `masters` (the state's dtype) in place
+    with the orthogonalised `ortho`. neg_lr = -lr * shape factor, neg_lr_wd = neg_lr * wd (cautious decay),
+    decay = 1 - lr * wd (plain decay, torch.optim.Muon's), beta2_weight = 1 - beta2 (NorMuon, when `second`)."""
+    rows, cols = masters.shape[-2:]
+    work, device = masters.dtype, masters.device
+    u = buffer("g", masters.shape, work, device).copy_(ortho)
+    # Muon+ (a fixed Frobenius norm sqrt(min(rows, cols)), whatever the iteration left) and NorMuon (a per-row, or
+    # per-column, second moment, rescaled so the update keeps its total norm) end in one per-row (or per-column)
+    # factor, applied in the update itself.
+    target_norm = math.sqrt(min(rows, cols))
+    square = buffer("square", masters.shape, work, device)
+    if second is not None:
+        red_dim = -1 if rows >= cols else -2
+        size = u.size(red_dim)
+        # a sum of squares: torch's norm along a strided dimension is ~10x slower on CPU
+        v_mean = torch.mul(u, u, out=square).sum(dim=red_dim, keepdim=True).div_(size)
+        scale = 1.0
+        if renormalize:
+            scale = target_norm / (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt().clamp_min(1e-12)
+            v_mean.mul_(scale.square())
+        v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt()
+        second.lerp_(v_mean, beta2_weight)
+        step_size = second.clamp_min(1e-10).rsqrt()
+        v_norm_new = ((v_mean * size) * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+        factor = step_size * (scale * v_norm / v_norm_new.clamp_min(1e-10))
+    elif renormalize:
+        factor = target_norm / u.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    else:
+        factor = torch.ones(masters.size(0), 1, 1, dtype=work, device=device)
+    if cautious and _may_be_nonzero(neg_lr_wd):
+        # decay only where the update and the weight agree in sign (arXiv 2411.16085); the factor is positive, so
+        # the direction's sign is the update's; ge_ in place leaves a 0/1 mask
+        agree = torch.mul(u, masters, out=square).ge_(0)
+        _addcmul_(masters, masters, agree, neg_lr_wd)
+    elif not cautious and _may_be_nonzero(neg_lr_wd):
+        masters.mul_(decay)
+    _addcmul_(masters, u, factor, neg_lr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The compiled path
+
+_COMPILED: dict[str, Callable] = {}
+_SIGNATURES: dict[str, set] = {}
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What dynamo specialises a call on: each tensor's type, shape, strides, dtype, device and requires_grad, and
+    the other arguments' values."""
+    tensors = tuple((type(a), tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad)
+                    if isinstance(a, Tensor) else a for a in args)
+    return tensors, tuple(sorted(kwargs.items()))
+
+
+def _compiled(fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) through `torch.compile(fn, dynamic=False, fullgraph=True)`, compiled once per process.
+
+    Static shapes, as nanochat's: every signature (shapes, dtypes, switches) is a specialisation of its own: the 4
+    AdamW and 4 Muon shapes of nanochat's models. Dynamo keeps `recompile_limit` (8) of them per function and, with
+    fullgraph=True, fails past it; a process that builds optimizers for several models would get there, so the
+    limit is raised to the number of signatures this process has used.
+
+    Two options make the graph round as the eager kernels do, so that the iteration's bf16 input comes out bit for
+    bit the same on both paths (a bf16 ulp there moves the result ~1e-4 after a few steps): `emulate_precision_casts`
+    rounds bf16 intermediates where eager does (the classic configuration's norm of the bf16 copy), and the C++
+    code (CPU) contracts a * b + c into one fused multiply-add, as eager's vectorised lerp does (the momentum)."""
+    name = fn.__name__
+    seen = _SIGNATURES.setdefault(name, set())
+    key = _signature(args, kwargs)
+    if key not in seen:
+        seen.add(key)
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, len(seen))
+    compiled = _COMPILED.get(name)
+    if compiled is None:
+        options = {"emulate_precision_casts": True, "cpp.enable_floating_point_contract_flag": "fast"}
+        compiled = _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    return compiled(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The optimizer
 
 
 def _working_dtype(p: Tensor) -> torch.dtype:
@@ -115,6 +284,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Muon group keys: lr, momentum, nesterov, ns_steps, beta2 (NorMuon; None disables), weight_decay.
     AdamW group keys: lr, betas, eps, weight_decay (decoupled).
+
+    `compile_step`: run each group's update through torch.compile (True), eagerly (False), or compiled on CUDA
+    and eager elsewhere (None). Both paths keep the same state, so a checkpoint of one resumes in the other.
     """
 
     def __init__(
@@ -126,6 +298,7 @@ class MuonAdamW(torch.optim.Optimizer):
         renormalize: bool = True,
         cautious_weight_decay: bool = True,
         ortho_dtype: torch.dtype | None = None,
+        compile_step: bool | None = None,
     ):
         groups = []
         for group in param_groups:
@@ -153,12 +326,37 @@ class MuonAdamW(torch.optim.Optimizer):
             group.setdefault("initial_lr", group["lr"])
             groups.append(group)
         super().__init__(groups, defaults={})
+        _coefficients(orthogonalizer, 0)  # validates the name
         self.orthogonalizer = orthogonalizer
         self.row_equilibration = row_equilibration
         self.renormalize = renormalize
         self.cautious_weight_decay = cautious_weight_decay
         self.ortho_dtype = ortho_dtype
+        self.compile_step = compile_step
         self._scratch: dict[tuple, Tensor] = {}
+        self._scalars: dict[tuple, Tensor] = {}
+
+    def _compiles(self, device: torch.device) -> bool:
+        """Whether a group on `device` goes through the compiled path. By default CUDA compiles (nanochat's choice)
+        and CPU does not, by measurement (benchmarks/train_step.py --only muon, 2 idle cores): on d12 shapes the
+        compiled step took 1.38-1.48x the eager one's time (its whole-stack temporaries are fresh memory every step,
+        which the eager path's kept buffers avoid); on the CPU tier's d4 shapes it took 0.75x, but that saves 10 ms
+        a step against 17-19 s of compilation per process (and it needs a C++ compiler). On a machine whose cores
+        other processes share, the compiled step is the faster one (0.3-0.5x): the eager path's thousands of small
+        parallel regions each wait for a descheduled thread. `compile_step=True` chooses it."""
+        return device.type == "cuda" if self.compile_step is None else self.compile_step
+
+    def _tensors(self, device: torch.device, dtype: torch.dtype, **values: float) -> list[Tensor]:
+        """This step's hyper-parameters as 0-D tensors on the parameters' device, filled in place: the compiled
+        functions get the same tensors every step, so a schedule that changes their values recompiles nothing."""
+        out = []
+        for name, value in values.items():
+            key = (name, device, dtype)
+            t = self._scalars.get(key)
+            if t is None:
+                t = self._scalars[key] = torch.empty((), dtype=dtype, device=device)
+            out.append(t.fill_(value))
+        return out
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -190,14 +388,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=work)
             state["step"] += 1
             t = state["step"]
-            g = p.grad.to(work)
-            master = p.to(work)
-            master.mul_(1 - lr * wd)
-            state["exp_avg"].lerp_(g, 1 - beta1)
-            state["exp_avg_sq"].lerp_(g.square(), 1 - beta2)
-            denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(eps)
-            master.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
-            p.copy_(master)
+            scalars = dict(decay=1 - lr * wd, beta1_weight=1 - beta1, beta2_weight=1 - beta2, bias2=1 - beta2**t,
+                           eps=eps, neg_step_size=-lr / (1 - beta1**t))
+            tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            if self._compiles(p.device):
+                _compiled(adamw_update, *tensors, *self._tensors(p.device, work, **scalars))
+            else:
+                adamw_update(*tensors, *scalars.values())
 
     def _muon_step(self, group: dict, params: list[Tensor]) -> None:
         for p in params:
@@ -211,21 +408,22 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["beta2"] is not None:
                 shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
                 state["second_momentum_buffer"] = torch.zeros(shape, dtype=work, device=params[0].device)
+        buf, second = state["momentum_buffer"], state.get("second_momentum_buffer")
+        compiled = self._compiles(params[0].device)
         # Every stage is per matrix, so a group can be updated a few matrices at a time with identical results. On
-        # CPU that keeps the working set in cache and below glibc's mmap threshold (whole-group temporaries of
-        # 100+ MB are fresh pages every step, ~7 GB per d12 step); on GPU and under DDP the whole stack goes at once
-        # (one batched matmul per iteration; one all-gather).
-        chunk = len(params)
-        if not params[0].is_cuda and not _distributed():
-            chunk = CPU_MATRICES_PER_UPDATE
-        second = state.get("second_momentum_buffer")
+        # CPU the eager path does so: that keeps the working set in cache and below glibc's mmap threshold
+        # (whole-group temporaries of 100+ MB are fresh pages every step, ~7 GB per d12 step). On GPU, compiled
+        # and under DDP the whole stack goes at once (one batched matmul per iteration; one all-gather).
+        if compiled or params[0].is_cuda or _distributed():
+            self._muon_update(group, params, buf, second, compiled)
+            return
+        chunk = CPU_MATRICES_PER_UPDATE
         for start in range(0, len(params), chunk):
             part = slice(start, start + chunk)
-            self._muon_update(group, params[part], state["momentum_buffer"][part],
-                              None if second is None else second[part])
+            self._muon_update(group, params[part], buf[part], None if second is None else second[part], compiled)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A temporary of the Muon update. On CPU it is kept from step to step: glibc returns freed blocks of a
+        """A temporary of the eager Muon update. On CPU it is kept from step to step: glibc returns freed blocks of a
         few MB to the kernel, and faulting them in again cost more than the arithmetic done in them. On GPU the
         caching allocator already reuses memory, and a kept buffer would only raise the peak."""
         if device.type != "cpu":
@@ -236,97 +434,55 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = self._scratch[key] = torch.empty(shape, dtype=dtype)
         return buf
 
-    def _muon_update(self, group: dict, params: list[Tensor], buf: Tensor, second: Tensor | None) -> None:
-        """One Muon step for a stack of same-shape matrices; `buf` and `second` are views of the group's state.
-
-        Written for few passes over memory, each into a kept buffer: on CPU the elementwise stages, not the
-        matmuls, are what a step adds over plain Muon.
-        """
+    def _muon_update(self, group: dict, params: list[Tensor], buf: Tensor, second: Tensor | None,
+                     compiled: bool) -> None:
+        """One Muon step for a stack of same-shape matrices; `buf` and `second` are the group's state (or views of
+        it). The parts around the orthogonalisation are compiled on the compiled path; the orthogonalisation too,
+        but under torch.distributed each rank runs it on its share, and the all-gather between stays eager."""
         rows, cols = params[0].shape
-        work, device = buf.dtype, buf.device
-        shape = (len(params), rows, cols)
+        work = buf.dtype
         # read-only: a single matrix's gradient is used in place, never written
         grads = params[0].grad.to(work).unsqueeze(0) if len(params) == 1 else torch.stack(
             [p.grad.to(work) for p in params])
-        momentum = group["momentum"]
-        buf.lerp_(grads, 1 - momentum)
-        g = self._buffer("g", shape, work, device)
-        if group["nesterov"]:
-            torch.lerp(grads, buf, momentum, out=g)
-        else:
-            g.copy_(buf)
+        # the stack the update writes: a single matrix in the working dtype is its own (updated in place); others
+        # are stacked and copied back
+        in_place = len(params) == 1 and params[0].dtype == work
+        masters = params[0].unsqueeze(0) if in_place else torch.stack([p.to(work) for p in params])
 
-        # The iteration's input in its dtype (bf16 on every device: nanochat's and torch.optim.Muon's choice; the
-        # iteration is an approximation anyway), divided by each method's bound on the spectral norm.
-        low = self.ortho_dtype or torch.bfloat16
-        x = self._buffer("ortho_in", shape, low, device)
-        if self.row_equilibration:
-            # MuonEq: every row to the mean row norm, so no row dominates the orthogonalisation. Then every row
-            # has that norm, so the Frobenius norm is known without another pass: one multiplication does both.
-            # (In place, then a copy: a multiplication that writes another dtype is ~10x slower on CPU.)
-            row_norms = g.norm(dim=-1, keepdim=True)
-            target = row_norms.square().sum(dim=(-2, -1), keepdim=True).sqrt() / math.sqrt(rows)
-            row_factor = target / row_norms.clamp_min(1e-12)
-            frobenius = (row_factor * row_norms).square().sum(dim=(-2, -1), keepdim=True).sqrt()
-            x.copy_(g.mul_(row_factor / _spectral_bound(frobenius, self.orthogonalizer)))
-        else:
-            # torch.optim.Muon's order: the norm of the low-precision copy
-            x.copy_(g)
-            x.div_(_spectral_bound(x.norm(dim=(-2, -1), keepdim=True), self.orthogonalizer))
-        u = g.copy_(self._iterate_shared(x, _coefficients(self.orthogonalizer, group["ns_steps"])))
-
-        # Muon+ (a fixed Frobenius norm sqrt(min(rows, cols)), whatever the iteration left) and NorMuon (a per-row,
-        # or per-column, second moment, rescaled so the update keeps its total norm) end in one per-row (or
-        # per-column) factor, applied in the update itself.
-        target_norm = math.sqrt(min(rows, cols))
-        square = self._buffer("square", shape, work, device)
-        if second is not None:
-            red_dim = -1 if rows >= cols else -2
-            size = u.size(red_dim)
-            # a sum of squares: torch's norm along a strided dimension is ~10x slower on CPU
-            v_mean = torch.mul(u, u, out=square).sum(dim=red_dim, keepdim=True).div_(size)
-            scale = 1.0
-            if self.renormalize:
-                scale = target_norm / (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt().clamp_min(1e-12)
-                v_mean.mul_(scale.square())
-            v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt()
-            second.lerp_(v_mean, 1 - group["beta2"])
-            step_size = second.clamp_min(1e-10).rsqrt()
-            v_norm_new = ((v_mean * size) * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-            factor = step_size * (scale * v_norm / v_norm_new.clamp_min(1e-10))
-        elif self.renormalize:
-            factor = target_norm / u.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-        else:
-            factor = torch.ones(len(params), 1, 1, dtype=work, device=device)
-
-        lr = group["lr"]
+        lr, wd, momentum, beta2 = group["lr"], group["weight_decay"], group["momentum"], group["beta2"]
         adjusted_lr = lr * math.sqrt(max(1.0, rows / cols))
-        wd = group["weight_decay"]
-        # parameters already in the working dtype are updated in place; others through an fp32 (or fp64) copy
-        masters = [p if p.dtype == work else p.to(work) for p in params]
-        for master, direction, f, agree in zip(masters, u.unbind(0), factor.unbind(0), square.unbind(0), strict=True):
-            if wd and self.cautious_weight_decay:
-                # decay only where the update and the weight agree in sign (arXiv 2411.16085); the factor is
-                # positive, so the direction's sign is the update's; ge_ in place leaves a 0/1 mask
-                torch.mul(direction, master, out=agree).ge_(0)
-                master.addcmul_(master, agree, value=-adjusted_lr * wd)
-            elif wd:
-                master.mul_(1 - lr * wd)
-            master.addcmul_(direction, f, value=-adjusted_lr)
-        for p, master in zip(params, masters, strict=True):
-            if master is not p:
-                p.copy_(master)
+        # the hyper-parameters (numbers here, 0-D tensors on the compiled path) and the switches of each part
+        before = dict(momentum=momentum, momentum_weight=1 - momentum)
+        after = dict(beta2_weight=0.0 if beta2 is None else 1 - beta2, neg_lr=-adjusted_lr,
+                     neg_lr_wd=-adjusted_lr * wd, decay=1 - lr * wd)
+        method, steps = self.orthogonalizer, group["ns_steps"]
+        before_switches = dict(nesterov=group["nesterov"], row_equilibration=self.row_equilibration, method=method,
+                               ortho_dtype=self.ortho_dtype or torch.bfloat16)
+        after_switches = dict(renormalize=self.renormalize, cautious=self.cautious_weight_decay)
+        if compiled:
+            device = buf.device
+            x = _compiled(muon_prepare, grads, buf, *self._tensors(device, work, **before), buffer=_fresh,
+                          **before_switches)
+            u = self._iterate_shared(x, lambda share: _compiled(_iterate, share, method, steps, _fresh))
+            _compiled(muon_finish, masters, u, second, *self._tensors(device, work, **after), buffer=_fresh,
+                      **after_switches)
+        else:
+            x = muon_prepare(grads, buf, *before.values(), buffer=self._buffer, **before_switches)
+            u = self._iterate_shared(x, lambda share: _iterate(share, method, steps, self._buffer))
+            muon_finish(masters, u, second, *after.values(), buffer=self._buffer, **after_switches)
+        if not in_place:
+            torch._foreach_copy_(params, list(masters.unbind(0)))
 
-    def _iterate_shared(self, x: Tensor, coeffs: tuple[tuple[float, float, float], ...]) -> Tensor:
-        """Orthogonalise the normalised stack x; under torch.distributed each rank iterates on a contiguous share,
-        then an all-gather shares the results."""
+    def _iterate_shared(self, x: Tensor, iterate: Callable[[Tensor], Tensor]) -> Tensor:
+        """Orthogonalise the normalised stack x with `iterate`; under torch.distributed each rank iterates on a
+        contiguous share, then an all-gather shares the results."""
         if not _distributed():
-            return _iterate(x, coeffs, self._buffer)
+            return iterate(x)
         world, rank = dist.get_world_size(), dist.get_rank()
         chunk = math.ceil(x.size(0) / world)
         padded = torch.zeros((chunk * world, *x.shape[1:]), dtype=x.dtype, device=x.device)
         padded[: x.size(0)] = x
-        mine = _iterate(padded[rank * chunk : (rank + 1) * chunk], coeffs, self._buffer)
+        mine = iterate(padded[rank * chunk : (rank + 1) * chunk])
         pieces = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(pieces, mine.contiguous())
         return torch.cat(pieces)[: x.size(0)]
