@@ -2,7 +2,8 @@
 
 Both programs train the same model on the same data with the same tokenizer, one after the other on this machine:
 nanochat's GPT (compiled model, compiled fused optimizer, fp32 on CPU) and ours (NanoChatForCausalLM on the
-transformers Trainer with MuonAdamW), at the CPU tier's shape by default: depth 4, head_dim 64, window pattern L,
+transformers Trainer with MuonAdamW, with the CPU tier's speed settings from recipes/cpu/pretrain.yaml: the model
+compiled, tokenizing in-process), at the CPU tier's shape by default: depth 4, head_dim 64, window pattern L,
 T=512, vocab 4096, 8 x 512 = 4096 tokens per optimizer step, --steps optimizer steps, no evaluation, no sampling,
 no checkpoint before the end. Target: ours / nanochat >= 1.0.
 
@@ -22,7 +23,7 @@ Timing: each per-step log line (nanochat's `step NNNNN/...`, ours the Trainer's 
 clock from the end of one optimizer step to the end of the next, data loading and every per-step overhead included.
 The first --skip steps of every run (start-up, torch.compile) are left out. Each program's own number (nanochat's
 `tok/sec`, from its `dt`, which leaves out its logging; ours `tokens_per_s`) is reported beside it. Rounds alternate
-the programs (nanochat, ours[, ours compiled, variants], nanochat, ...); medians over rounds are compared.
+the programs (nanochat, ours[, ours plain, variants], nanochat, ...); medians over rounds are compared.
 
 Other work on the machine skews such numbers badly (two cores: a busy neighbour stalls every parallel region), so
 each run also records how many cores OTHER processes kept busy meanwhile (all CPU time used on the machine, from
@@ -31,9 +32,9 @@ that quiet.
 
     NANOCHAT_CHECKOUT=/path/to/nanochat NANOCHAT_PYTHON=/path/to/nanochat-venv/bin/python \\
         python benchmarks/vs_nanochat.py [--rounds 3] [--steps 30] [--skip 5] [--max-busy 0.3] [--json out.json]
-    python benchmarks/vs_nanochat.py --ours-extra "--num_workers 0"   # appended to our command line
-    python benchmarks/vs_nanochat.py --compiled   # also ours with --torch_compile true (if pretrain has it)
-    python benchmarks/vs_nanochat.py --variant "--num_workers 0" --variant "--torch_compile true --num_workers 0"
+    python benchmarks/vs_nanochat.py --ours-extra "--log_every 1"   # appended to our command line
+    python benchmarks/vs_nanochat.py --plain      # also ours eager with 2 tokenizing workers (the defaults)
+    python benchmarks/vs_nanochat.py --variant "--torch_compile false"   # more contenders: ours + these flags
     python benchmarks/vs_nanochat.py --keep /tmp/vs   # keep the data, tokenizers and every run's log
 
 Without NANOCHAT_CHECKOUT the benchmark says what to set and exits 0 without measuring. nanochat's venv needs
@@ -60,6 +61,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import yaml
 from train_step import load_average, machine  # the sibling benchmark's machine description
 
 from nanochat_hf import pretrain
@@ -72,6 +74,8 @@ TARGET = 1.0
 NANOCHAT_STEP = re.compile(r"^step (\d+)/(\d+) .*\| dt: ([\d.]+)ms \| tok/sec: ([\d,]+)")
 # ours: the Trainer's log dict, one per optimizer step with --log_every 1
 OURS_STEP = re.compile(r"\{'loss': |, 'loss': ")
+# what the CPU tier's recipe sets for speed, and ours therefore runs with
+SPEED_SETTINGS = ("torch_compile", "num_workers")
 OURS_TOKENS_PER_S = re.compile(r"'tokens_per_s': '?([\d.]+)")
 # nanochat's start-up report
 NANOCHAT_VOCAB = re.compile(r"^Vocab size: ([\d,]+)")
@@ -180,9 +184,11 @@ def ours_argv(args: argparse.Namespace, data_dir: Path, tokenizer_dir: Path, out
     ]
 
 
-def pretrain_has_field(name: str) -> bool:
-    """Whether `nanochat-hf pretrain` (this checkout's PretrainArguments) accepts --<name>."""
-    return name in pretrain.PretrainArguments.__dataclass_fields__
+def cpu_tier_speed_settings() -> list[str]:
+    """The CPU tier's speed settings (recipes/cpu/pretrain.yaml: compile, in-process tokenizing), as flags: ours runs
+    the way `nanochat-hf speedrun --tier cpu` runs it, as nanochat runs compiled."""
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/cpu/pretrain.yaml").read_text())
+    return [arg for key in SPEED_SETTINGS for arg in (f"--{key}", str(recipe[key]).lower())]
 
 
 def busy_cpu_seconds() -> float | None:
@@ -353,7 +359,8 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=5, help="steps of every run left out of the clock")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ours-extra", default="", help="appended to our command line, e.g. '--num_workers 0'")
-    parser.add_argument("--compiled", action="store_true", help="also run ours with --torch_compile true")
+    parser.add_argument("--plain", action="store_true",
+                        help="also run ours without the CPU tier's speed settings (eager, 2 tokenizing workers)")
     parser.add_argument("--variant", action="append", default=[], metavar="ARGS",
                         help="also run ours with ARGS appended (after --ours-extra); repeatable, e.g. "
                         "--variant '--num_workers 0'")
@@ -428,16 +435,11 @@ def bench(args: argparse.Namespace, checkout: Path, python: str, work: Path) -> 
                             "nanochat")]
     ours_prefix = [sys.executable, "-m", "nanochat_hf", "pretrain"]
     repo = Path(__file__).resolve().parents[1]
-    contenders.append(Contender("ours", [*ours_prefix, *ours_argv(args, data_dir, ours_tok, work / "ours_out")],
-                                repo, base_env, OURS_STEP, "ours"))
-    compiled_note = None
-    if args.compiled:
-        if pretrain_has_field("torch_compile"):
-            argv = [*ours_argv(args, data_dir, ours_tok, work / "ours_compiled_out"), "--torch_compile", "true"]
-            contenders.append(Contender("ours_compiled", [*ours_prefix, *argv], repo, base_env, OURS_STEP, "ours"))
-        else:
-            compiled_note = "`nanochat-hf pretrain --help` lists no torch_compile field yet: ours_compiled skipped"
-            print(f"[compiled] {compiled_note}", flush=True)
+    argv = [*ours_argv(args, data_dir, ours_tok, work / "ours_out"), *cpu_tier_speed_settings()]
+    contenders.append(Contender("ours", [*ours_prefix, *argv], repo, base_env, OURS_STEP, "ours"))
+    if args.plain:
+        argv = ours_argv(args, data_dir, ours_tok, work / "ours_plain_out")
+        contenders.append(Contender("ours_plain", [*ours_prefix, *argv], repo, base_env, OURS_STEP, "ours"))
     for i, extra in enumerate(args.variant):
         argv = [*ours_argv(args, data_dir, ours_tok, work / f"ours_variant{i}_out"), *shlex.split(extra)]
         contenders.append(Contender(f"ours[{extra}]", [*ours_prefix, *argv], repo, base_env, OURS_STEP, "ours"))
@@ -496,10 +498,6 @@ def bench(args: argparse.Namespace, checkout: Path, python: str, work: Path) -> 
         "load_average_end": load_average(),
     })
     result["ratios"] = {k: round(v / medians["nanochat"], 3) for k, v in medians.items() if k != "nanochat"}
-    if "ours_compiled" in medians:
-        result["ratio_compiled"] = result["ratios"]["ours_compiled"]
-    if compiled_note:
-        result["compiled_note"] = compiled_note
 
     m = result["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads, {m['platform']}, "
@@ -516,8 +514,6 @@ def bench(args: argparse.Namespace, checkout: Path, python: str, work: Path) -> 
     for name, ratio in result["ratios"].items():
         if name != "ours":
             print(f"   ratio {name}/nanochat = {ratio:.3f}")
-    if compiled_note:
-        print(f"   {compiled_note}")
     return result
 
 

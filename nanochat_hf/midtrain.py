@@ -32,6 +32,7 @@ from .pretrain import (
     PretrainArguments,
     PretrainTrainer,
     check_parallelism,
+    keep_freed_memory_on_cpu,
     keep_local_gloo_on_loopback,
     latest_checkpoint,
     parse_args,
@@ -119,6 +120,7 @@ def split_validation(dataset: Dataset, val_rows: int, world_size: int) -> tuple[
 def train(run: MidtrainArguments) -> Path:
     """Run (or resume) midtraining; returns the folder of the final model."""
     keep_local_gloo_on_loopback()
+    keep_freed_memory_on_cpu()
     if not run.init_from:
         raise ValueError("midtraining starts from a base model: set --init_from to a pretrained model folder")
     require_model_folder(run.init_from, "pretrain")

@@ -307,3 +307,25 @@ def test_generate_sampling_modes(tiny_model_factory):
         assert torch.equal(top1, greedy)  # top-k of 1 is greedy
         nucleus = model.generate(ids, max_new_tokens=10, do_sample=True, top_p=1e-6, pad_token_id=0)
         assert torch.equal(nucleus, greedy)  # a vanishing nucleus keeps only the argmax
+
+
+def test_rope_tables_survive_from_pretrained_and_match_explicit_positions(tiny_model_factory, tmp_path):
+    """The RoPE tables are not saved (persistent=False); loading must rebuild them, not leave empty memory, and the
+    table path must give what the same positions passed explicitly give."""
+    from nanochat_hf.modeling_nanochat import rotary_cos_sin
+
+    model = tiny_model_factory("2026", seed=11)
+    model.save_pretrained(tmp_path)
+    loaded = NanoChatForCausalLM.from_pretrained(tmp_path).eval()
+    config = loaded.config
+    positions = torch.arange(config.max_position_embeddings)[None]
+    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)
+    assert torch.equal(loaded.model.rope_cos, cos) and torch.equal(loaded.model.rope_sin, sin)
+    ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        table = loaded(ids).logits
+        explicit = loaded(ids, position_ids=torch.arange(30)[None]).logits
+        past_the_table = loaded(ids, position_ids=torch.arange(30)[None] + config.max_position_embeddings).logits
+    torch.testing.assert_close(table, explicit, atol=0, rtol=0)
+    assert torch.equal(table, model(ids).logits)
+    assert not torch.allclose(table, past_the_table)  # positions beyond the table are computed, not clipped
