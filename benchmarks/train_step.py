@@ -252,12 +252,17 @@ def step_seconds(optimizer: torch.optim.Optimizer, steps: int) -> float:
 def bench_muon(args: argparse.Namespace) -> dict:
     shapes = d12_shapes(args.muon_hidden, args.muon_layers)
     lr, wd = 0.02, 0.28
+    # torch.optim.Muon orthogonalises in bf16; ours is pinned to the same dtype so the race is the same arithmetic
+    # (a CPU training run in fp32 orthogonalises in fp32, as nanochat does).
+    bf16 = torch.bfloat16
     optimizers = {
-        "ours": MuonAdamW(muon_groups(fresh_params(shapes, 0), lr, wd, beta2=0.9), compile_step=False),
-        "ours_compiled": MuonAdamW(muon_groups(fresh_params(shapes, 0), lr, wd, beta2=0.9), compile_step=True),
+        "ours": MuonAdamW(muon_groups(fresh_params(shapes, 0), lr, wd, beta2=0.9), compile_step=False,
+                          ortho_dtype=bf16),
+        "ours_compiled": MuonAdamW(muon_groups(fresh_params(shapes, 0), lr, wd, beta2=0.9), compile_step=True,
+                                   ortho_dtype=bf16),
         "ours_classic": MuonAdamW(muon_groups(fresh_params(shapes, 0), lr, wd, beta2=None),
                                   orthogonalizer="newton_schulz", row_equilibration=False, renormalize=False,
-                                  cautious_weight_decay=False, compile_step=False),
+                                  cautious_weight_decay=False, compile_step=False, ortho_dtype=bf16),
         "torch": torch.optim.Muon(fresh_params(shapes, 0), lr=lr, weight_decay=wd, momentum=0.95, nesterov=True,
                                   ns_steps=5, adjust_lr_fn="original"),
     }

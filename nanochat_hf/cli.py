@@ -1,17 +1,26 @@
-"""`nanochat-hf <command>`: one entry point for every stage of the pipeline."""
+"""`nanochat-hf <command>`: one entry point for every stage of the pipeline.
+
+Every command runs under one rule for bad input (see nanochat_hf/errors.py): an input error (ValueError, OSError,
+NotImplementedError, SystemExit("message")) prints `nanochat-hf <command>: error: <message>` as one line on stderr
+and exits 2; any other exception is a bug and keeps its traceback (exit 1). `nanochat-hf --debug <command>` or
+NANOCHAT_HF_DEBUG=1 adds the traceback to an input error as well.
+"""
 
 import argparse
 import importlib
 import sys
 
 from .convert_cli import add_convert_parser
+from .errors import DEBUG_ENV, run_command
 from .tokenizer_cli import add_tokenizer_parser
 
 
 def _init_main(args: argparse.Namespace) -> None:
     from .init_model import build_model, save_atomically
+    from .output_folder import check_output_folder
     from .tokenizer import load_tokenizer
 
+    check_output_folder(args.out, overwrite=args.overwrite, inputs=[args.tokenizer])
     tokenizer = load_tokenizer(args.tokenizer)
     overrides = {}
     if args.head_dim is not None:
@@ -56,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nanochat-hf",
         description="nanochat on the Hugging Face stack: tokenizer, model, training, evaluation, chat, Hub.",
     )
+    parser.add_argument("--debug", action="store_true", help="on an input error, print the traceback above the "
+                        f"one-line message (also {DEBUG_ENV}=1); goes before COMMAND")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_tokenizer_parser(sub)
     add_convert_parser(sub)
@@ -72,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--head-dim", type=int, help="head dimension (default: nanochat's 128)")
     init.add_argument("--sequence-len", type=int, help="context length (default 2048)")
     init.add_argument("--window-pattern", help="sliding-window pattern of S/L characters (2026 default SSSL)")
-    init.add_argument("--out", required=True, help="output folder")
+    init.add_argument("--out", required=True, help="output folder (new or empty)")
+    init.add_argument("--overwrite", action="store_true", help="replace --out if it holds a folder nanochat-hf wrote")
     init.set_defaults(func=_init_main)
 
     speedrun = sub.add_parser(
@@ -108,15 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = False
+    while argv[:1] == ["--debug"]:  # the global flag; after COMMAND, the rest belongs to the stage
+        debug = True
+        del argv[0]
     if argv[:1] and argv[0] in PASS_THROUGH:
-        module = importlib.import_module(f".{PASS_THROUGH[argv[0]][0]}", __package__)
-        return module.main(argv[1:])
+        module = f".{PASS_THROUGH[argv[0]][0]}"
+        run_command(argv[0], lambda: importlib.import_module(module, __package__).main(argv[1:]), debug)
+        return
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
-        print(f"nanochat-hf {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    command = " ".join(filter(None, (args.command, getattr(args, "tokenizer_command", None),
+                                     getattr(args, "conversion", None))))
+    run_command(command, lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":

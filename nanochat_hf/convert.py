@@ -9,7 +9,6 @@ Every converter validates its whole input before it writes anything, and writes 
 `out` that is renamed into place only once complete: a failed conversion leaves no `out` behind.
 """
 
-import contextlib
 import json
 import logging
 import math
@@ -17,8 +16,7 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,9 @@ import torch
 from transformers import PreTrainedConfig
 
 from .configuration_nanochat import GENERATION_PRESETS, NanoChatConfig, nanochat_short_window
-from .init_model import publish_folder
 from .modeling_nanochat import NanoChatForCausalLM
-from .tokenizer import _BYTE_TO_CHAR, _CHAR_TO_BYTE  # GPT-2's byte alphabet, the one our BPE is written in
+from .output_folder import OutputFolderError, check_output_folder, staged_folder
+from .tokenizer import _BYTE_TO_CHAR, _CHAR_TO_BYTE, chat_escape_normalizer  # _*: the GPT-2 byte alphabet we use
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +194,9 @@ def _read_json(path: Path) -> dict:
 
 
 _MODEL_CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# nanochat trains at 2,048 tokens. A context past 2^20 tokens is no model anyone trained with nanochat: it is a
+# damaged meta file, and its RoPE tables alone (positions x head_dim) would take gigabytes to build.
+MAX_SEQUENCE_LEN = 2**20
 
 
 def read_nanochat_meta(path: PathLike) -> dict:
@@ -212,6 +213,12 @@ def read_nanochat_meta(path: PathLike) -> dict:
         value = model_config[field]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConversionError(f"{path}: model_config.{field} = {value!r}; expected a positive integer")
+    if model_config["sequence_len"] > MAX_SEQUENCE_LEN:
+        raise ConversionError(
+            f"{path}: model_config.sequence_len = {model_config['sequence_len']} tokens is beyond the "
+            f"{MAX_SEQUENCE_LEN:,} this converter accepts (nanochat trains at 2,048); the meta file is damaged or "
+            "not nanochat's: use the meta_<step>.json written with this model_<step>.pt"
+        )
     return meta
 
 
@@ -308,12 +315,24 @@ def read_tiktoken_pickle(path: PathLike) -> TiktokenState:
             f"{path}: refers to tiktoken's built-in encoding {state!r} by name, not to a nanochat tokenizer"
         )
     if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks", "special_tokens"} <= set(state):
-        raise ConversionError(f"{path}: not a pickled tiktoken Encoding (got {type(obj).__name__})")
+        got = type(state).__name__ if isinstance(obj, _CapturedEncoding) else type(obj).__name__
+        raise ConversionError(f"{path}: not a pickled tiktoken Encoding (got {got})")
     ranks, specials = state["mergeable_ranks"], state["special_tokens"]
+    for name, value, kind in (("pat_str", state["pat_str"], str), ("mergeable_ranks", ranks, dict),
+                              ("special_tokens", specials, dict)):
+        if not isinstance(value, kind):
+            raise ConversionError(f"{path}: the Encoding's {name} has type {type(value).__name__}, not {kind.__name__}; "
+                                  "the file is damaged or not nanochat's tokenizer.pkl")
     if not all(isinstance(k, bytes) and isinstance(v, int) for k, v in ranks.items()):
         raise ConversionError(f"{path}: mergeable_ranks must map bytes to int")
     if not all(isinstance(k, str) and isinstance(v, int) for k, v in specials.items()):
         raise ConversionError(f"{path}: special_tokens must map str to int")
+    from tokenizers import Regex
+
+    try:
+        Regex(state["pat_str"])  # compiled by the engine our pre-tokenizer will run it with
+    except Exception as err:  # tokenizers raises a bare Exception for a pattern it cannot compile
+        raise ConversionError(f"{path}: the Encoding's pat_str is not a valid regex ({err})") from err
     return TiktokenState(str(state.get("name", "")), state["pat_str"], dict(ranks), dict(specials))
 
 
@@ -477,7 +496,8 @@ def hf_to_tiktoken(tokenizer, source: PathLike) -> TiktokenState:
         raise ConversionError(f"{source}: tokenizer model must be a plain byte-level BPE, got {model.get('type')}")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise ConversionError(f"{source}: BPE subword prefixes/suffixes cannot be expressed in tiktoken")
-    if spec.get("normalizer") is not None:
+    # The one normalizer allowed undoes the chat template's escape of message text, which tiktoken never sees.
+    if spec.get("normalizer") not in (None, json.loads(chat_escape_normalizer().__getstate__())):
         raise ConversionError(
             f"{source}: tokenizer has a normalizer ({spec['normalizer'].get('type')}); tiktoken has none"
         )
@@ -505,33 +525,15 @@ def hf_to_tiktoken(tokenizer, source: PathLike) -> TiktokenState:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Output folders: staged beside `out`, renamed into place when complete
+# Output folders: checked before any work, staged beside `out` and swapped in when complete (output_folder)
 
 
 def _check_out(out: Path, overwrite: bool, sources: list[Path]) -> None:
-    resolved = out.resolve()
-    for source in sources:
-        source = source.resolve()
-        if resolved == source or resolved in source.parents:
-            raise ConversionError(f"{out}: the output folder would replace the input {source}; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConversionError(
-            f"{out}: folder exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
-
-
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    """output_folder's rules, reported as the ConversionError every converter raises for bad arguments."""
     try:
-        yield staged
-        publish_folder(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        check_output_folder(out, overwrite=overwrite, inputs=sources)
+    except OutputFolderError as err:
+        raise ConversionError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -936,7 +938,7 @@ def to_nanochat(
     meta = {"step": step, "model_config": model_config} | recorded
 
     _import_tiktoken()  # fail before writing anything
-    with _staging(out) as staged:
+    with staged_folder(out) as staged:
         torch.save(state, staged / f"model_{step:06d}.pt")
         (staged / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         write_tiktoken_pickle(tiktoken_state, staged / "tokenizer.pkl")
@@ -1049,7 +1051,7 @@ def to_transformers(model_dir: PathLike, out: PathLike, *, overwrite: bool = Fal
     index = model_dir / "model.safetensors.index.json"
     copied = [*weight_files, *([index] if index.is_file() else [])]
     copied += [model_dir / name for name in _COPIED_FILES if (model_dir / name).is_file()]
-    with _staging(out) as staged:
+    with staged_folder(out) as staged:
         builtin.save_pretrained(staged)
         for path in copied:
             shutil.copy2(path, staged / path.name)

@@ -31,7 +31,8 @@ def _to_transformers_main(args: argparse.Namespace) -> None:
 
 def _add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT if it already exists and is not empty (default: refuse)"
+        "--overwrite", action="store_true", help="replace a non-empty OUT if nanochat-hf wrote it (default: refuse; "
+        "never the current, home or input folder)"
     )
 
 

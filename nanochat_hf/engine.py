@@ -146,6 +146,7 @@ class Engine:
                 )
             self.ids[name] = token_id
         self.stop_ids = frozenset({self.ids["assistant_end"], self.ids["bos"]})
+        self._check_chat_template_keeps_text()
         # transformers 5.24 calls the cache argument `cache`, 5.23 `past_key_values`; a Hub model's code may be
         # either vintage.
         params = inspect.signature(model.forward).parameters
@@ -166,6 +167,24 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the model can attend over (prompt + reply): its `max_position_embeddings`."""
+        return self.model.config.max_position_embeddings
+
+    def _check_chat_template_keeps_text(self) -> None:
+        """Refuse a tokenizer whose chat template lets text typed in a message become special tokens: a user could
+        then end their turn and write the assistant's. nanochat_hf's template escapes message text (see
+        nanochat_hf/tokenizer.py); a template without the escape shows here as a special id inside the message."""
+        typed = "<|assistant_end|><|bos|>"
+        ids = self.render_prompt([{"role": "user", "content": typed}])
+        if self.ids["assistant_end"] in ids or ids.count(self.ids["bos"]) > 1:
+            raise ValueError(
+                f"the tokenizer's chat template turns special-token strings typed in a message ({typed}) into special "
+                "tokens, so chat input could forge turns; re-save the tokenizer with nanochat_hf's template: "
+                "`nanochat_hf.tokenizer.set_chat_template(load_tokenizer(DIR)).save_pretrained(DIR)`"
+            )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text: no BOS, and special-token strings in it stay text."""
@@ -191,6 +210,13 @@ class Engine:
         """Yield, per step, one token for each of `num_samples` rows and their masks (1 sampled, 0 forced by the
         tool). A row that has ended (`<|assistant_end|>` or `<|bos|>`) keeps receiving tokens until all have."""
         _check_arguments(prompt_ids, num_samples, max_tokens, temperature, top_k)
+        # Checked before the cache is allocated: its buffers hold prompt + max_tokens positions.
+        if len(prompt_ids) + max_tokens > self.context_length:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = {len(prompt_ids) + max_tokens} "
+                f"exceeds the model's context of {self.context_length} tokens (max_position_embeddings); shorten the "
+                "prompt or lower max_tokens"
+            )
         device = self.device
         generator = torch.Generator(device=device).manual_seed(seed)
         cache = KVCache(self.model.config.num_hidden_layers, len(prompt_ids) + max_tokens)
@@ -255,7 +281,8 @@ class Engine:
     # Chat
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation ready for the next assistant reply (the tokenizer's chat template)."""
+        """Token ids of a conversation ready for the next assistant reply (the tokenizer's chat template, which keeps
+        special-token strings typed in messages as text: checked when the engine is made)."""
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False))
 
@@ -270,7 +297,11 @@ class Engine:
     ) -> Iterator[str]:
         """One sample as text deltas, safe to print as they come: no delta ends inside a UTF-8 character, and tool
         blocks read as fenced code (`TOOL_MARKERS`). The generated ids (terminal token excluded) are appended to
-        `reply_ids` when given."""
+        `reply_ids` when given. The reply ends after `max_tokens` or at the end of the model's context, whichever
+        comes first; a prompt that fills the context is refused (see `generate`)."""
+        room = self.context_length - len(prompt_ids)
+        if isinstance(max_tokens, int) and 1 <= room < max_tokens:
+            max_tokens = room
         markers = {self.ids[name]: text for name, text in TOOL_MARKERS.items()}
         text = Utf8Stream(self.tokenizer, markers)
         for column, _ in self.generate(prompt_ids, 1, max_tokens, temperature, top_k, seed):
@@ -319,6 +350,17 @@ class Engine:
         return {"role": "assistant", "content": parts}
 
 
+def replace_invalid_utf8(text: str) -> str:
+    """`text` with what was not UTF-8 replaced by U+FFFD. Python hands bytes that are not UTF-8 (in a terminal line
+    read with errors="surrogateescape", or in a command-line argument) over as lone surrogates, which no tokenizer
+    can encode; here they become U+FFFD, as decoding the original bytes with errors="replace" would give."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes (e.g. from JSON's \ud800)
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return raw.decode("utf-8", "replace")
+
+
 def sample_next_token(
     logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0, top_k: int | None = None
 ) -> torch.Tensor:
@@ -347,4 +389,4 @@ def _check_arguments(prompt_ids, num_samples, max_tokens, temperature, top_k) ->
         raise ValueError(f"top_k must be None (no limit) or an integer >= 1, got {top_k!r}")
 
 
-__all__ = ["Engine", "KVCache", "TOOL_MARKERS", "Utf8Stream", "sample_next_token"]
+__all__ = ["Engine", "KVCache", "TOOL_MARKERS", "Utf8Stream", "replace_invalid_utf8", "sample_next_token"]

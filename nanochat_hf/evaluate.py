@@ -1,8 +1,11 @@
 """`nanochat-hf eval`: evaluate one checkpoint folder for its stage and write the results JSON.
 
 * base: CORE (nanochat's 22 DCLM tasks from the eval bundle, our batched scorer -- the same verdict code the
-  lighteval tasks in evals/core.py use) and validation bits per byte (data/pretrain.py's ``evaluate_bpb``).
-* mid / sft / rl: the chat evaluations and ChatCORE, through the runners in ``CHAT_EVALS`` (see below), and the
+  lighteval tasks in evals/core.py use) and bits per byte (data/pretrain.py's ``evaluate_bpb``) on the train and the
+  validation split of ``--bpb-data``, as nanochat's base_eval: ``--bpb-tokens`` (40 x 524,288) on each, rounded down
+  to whole batches, in the compute dtype (bf16 on a GPU that has it, else fp32).
+* mid / sft / rl: the chat evaluations through the runners in ``CHAT_EVALS`` (see below); ChatCORE and
+  ChatCORE_cat over the tasks evaluation/chatcore.py lists (SpellingBee is reported beside them); and the
   chat-format metrics (``ends_turn_rate``, ``calculator_rate``) over the generated replies.
 
 ``--tier cpu`` runs offline: the chat stages evaluate the project's own generators (``CPU_CHAT_EVALS``: arithmetic
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
@@ -28,16 +30,22 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .errors import check_source
 from .evaluation.bundle import BUNDLE_ENV, cache_dir
+from .evaluation.chatcore import CATEGORICAL_TASKS, CHATCORE, CHATCORE_CAT, CHATCORE_TASKS, chatcore, chatcore_cat
 from .evaluation.core import evaluate_core
+
+__all__ = ["CATEGORICAL_TASKS", "CHATCORE_TASKS", "chatcore", "chatcore_cat", "evaluate_checkpoint", "main"]
 
 STAGES = ("base", "mid", "sft", "rl")
 TIERS = ("cpu", "d12", "d20", "d26", "d32")
 # Chat-stage evaluators, name -> fn(model, tokenizer, max_per_task=..., batch_size=..., data_dir=..., max_tokens=...)
-# -> {"accuracy": float, ...}, with each one's random baseline for ChatCORE (nanochat-spec.md §5.3). The chat evals
-# (nanochat_hf/evaluation/chat.py) register here: nanochat's Hub tasks, and the CPU tier's offline tasks.
-CHAT_EVALS: dict[str, tuple[Callable[..., dict], float]] = {}
-CPU_CHAT_EVALS: dict[str, tuple[Callable[..., dict], float]] = {}
+# -> {"accuracy": float, ...}. The chat evals (nanochat_hf/evaluation/chat.py) register here: nanochat's Hub tasks,
+# and the CPU tier's offline tasks. ChatCORE reads the accuracies of the tasks it lists by name.
+CHAT_EVALS: dict[str, Callable[..., dict]] = {}
+CPU_CHAT_EVALS: dict[str, Callable[..., dict]] = {}
+# nanochat HEAD's base_eval --split-tokens: bits per byte over this many tokens of each split
+BPB_TOKENS = 40 * 524288
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -47,30 +55,47 @@ def _resolve_device(device: str | None) -> torch.device:
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":  # nanochat's COMPUTE_DTYPE: bf16 where the GPU has bf16 tensor cores (SM 8.0+), else fp32
+        cuda_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if cuda_bf16 else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
         raise ValueError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
 
 
-def validation_bpb(model, tokenizer, data: str, tokens: int, batch_size: int = 8) -> dict:
-    """nanochat's validation bits per byte over about `tokens` tokens of `data`'s validation split."""
+def bpb_batches(tokens: int, batch_size: int, seq_len: int) -> int:
+    """Whole batches in a budget of `tokens`, rounded down as nanochat's base_eval rounds --split-tokens."""
+    per_batch = batch_size * seq_len
+    if tokens < per_batch:
+        raise ValueError(f"--bpb-tokens {tokens} is less than one batch ({batch_size} x {seq_len} = {per_batch} "
+                         "tokens): raise --bpb-tokens or lower --batch-size")
+    return tokens // per_batch
+
+
+def base_bpb(model, tokenizer, data: str, tokens: int = BPB_TOKENS, batch_size: int = 8) -> dict:
+    """nanochat's base_eval bits per byte: up to the same number of tokens (see bpb_batches) from the start of
+    `data`'s train split and of its validation split, at the model's context length, in the model's dtype.
+    ``tokens_read`` says how many each split gave: a validation split shorter than the budget is read once."""
     from .data.pretrain import PretrainStream, evaluate_bpb
     from .tokenizer import token_bytes
 
     seq_len = model.config.max_position_embeddings
-    batches = max(1, math.ceil(tokens / (batch_size * seq_len)))
-    stream = PretrainStream(data, tokenizer, batch_size=batch_size, seq_len=seq_len, split="val",
-                            num_workers=0, max_batches=batches)
-    bpb = evaluate_bpb(model, stream, token_bytes(tokenizer))
-    return {"val_bpb": bpb, "tokens": batches * batch_size * seq_len, "data": data}
+    batches = bpb_batches(tokens, batch_size, seq_len)
+    result, read = {}, {}
+    for split in ("train", "val"):
+        stream = PretrainStream(data, tokenizer, batch_size=batch_size, seq_len=seq_len, split=split,
+                                num_workers=0, max_batches=batches)
+        read[split] = 0
 
+        def counted(stream=stream, split=split):
+            for batch in stream:
+                read[split] += batch["input_ids"].numel()
+                yield batch
 
-def chatcore(accuracies: dict[str, float], baselines: dict[str, float]) -> float:
-    """ChatCORE: mean over tasks of (accuracy - baseline) / (1 - baseline)."""
-    return sum((accuracies[t] - baselines[t]) / (1 - baselines[t]) for t in accuracies) / len(accuracies)
+        result[f"{split}_bpb"] = evaluate_bpb(model, counted(), token_bytes(tokenizer))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {**result, "tokens": batches * batch_size * seq_len, "tokens_read": read, "dtype": dtype, "data": data}
 
 
 def _chat_results(model, tokenizer, max_per_task: int, batch_size: int, tier: str = "d20",
@@ -84,13 +109,14 @@ def _chat_results(model, tokenizer, max_per_task: int, batch_size: int, tier: st
     evals = CPU_CHAT_EVALS if tier == "cpu" else CHAT_EVALS
     if not evals:
         raise RuntimeError(f"no chat evaluations are registered for tier {tier!r} in {__name__}")
-    results, baselines = {}, {}
-    for name, (run, baseline) in evals.items():
+    results = {}
+    for name, run in evals.items():
         results[name] = run(model, tokenizer, max_per_task=max_per_task, batch_size=batch_size, data_dir=data_dir,
                             max_tokens=max_tokens)
-        baselines[name] = baseline
     accuracies = {name: r["accuracy"] for name, r in results.items()}
-    return {"tasks": results, "chatcore": chatcore(accuracies, baselines), "format": chat.format_metrics(results)}
+    # None where a task of theirs was not evaluated (the CPU tier evaluates none of them)
+    return {"tasks": results, "chatcore": chatcore(accuracies), "chatcore_cat": chatcore_cat(accuracies),
+            "format": chat.format_metrics(results)}
 
 
 def local_bundle_available(bundle: str | None) -> bool:
@@ -123,7 +149,7 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     core_tasks: list[str] | None = None,
     bpb_data: str | None = None,
-    bpb_tokens: int = 20 * 524288,
+    bpb_tokens: int = BPB_TOKENS,
     device: str | None = None,
     dtype: str = "auto",
     output: str | os.PathLike | None = None,
@@ -133,7 +159,8 @@ def evaluate_checkpoint(
 ) -> dict:
     """Evaluate the checkpoint `model_dir` (folder or Hub repo id) for `stage`; write and return the results.
 
-    base: CORE (+ bits per byte on `bpb_data`'s validation split when given); mid/sft/rl: chat evals + ChatCORE.
+    base: CORE (+ bits per byte on `bpb_data`'s train and validation splits when given); mid/sft/rl: chat evals,
+    ChatCORE and ChatCORE_cat.
     `tier` "cpu" evaluates offline (see the module docstring); `data_dir` holds local copies of the Hub tasks
     (`<data_dir>/<owner>/<name>`); `max_tokens` caps each generated reply (default 512, CPU tier 256)."""
     if stage not in STAGES:
@@ -143,6 +170,7 @@ def evaluate_checkpoint(
     if stage == "base" and tier == "cpu" and bpb_data is None and not local_bundle_available(bundle):
         raise ValueError("--tier cpu, base stage: no eval bundle at hand for CORE and no --bpb-data for bits per "
                          f"byte; pass --bpb-data (a text folder), or --bundle / ${BUNDLE_ENV} for CORE")
+    check_source(str(model_dir), "--model")
     path = Path(model_dir).expanduser()
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); pass a save_pretrained folder")
@@ -151,6 +179,8 @@ def evaluate_checkpoint(
                                                  dtype=_resolve_dtype(dtype, torch_device))
     model.to(torch_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if stage == "base" and bpb_data is not None:
+        bpb_batches(bpb_tokens, batch_size, model.config.max_position_embeddings)  # a bad budget fails before CORE
     started = time.perf_counter()
     results: dict = {"model": str(model_dir), "stage": stage, "tier": tier, "max_per_task": max_per_task}
     if stage == "base":
@@ -158,7 +188,7 @@ def evaluate_checkpoint(
             results["core"] = evaluate_core(model, tokenizer, bundle, max_per_task=max_per_task, tasks=core_tasks,
                                             batch_size=batch_size)
         if bpb_data is not None:
-            results["bpb"] = validation_bpb(model, tokenizer, bpb_data, bpb_tokens, batch_size)
+            results["bpb"] = base_bpb(model, tokenizer, bpb_data, bpb_tokens, batch_size)
     else:
         results["chat"] = _chat_results(model, tokenizer, max_per_task, batch_size, tier, data_dir, max_tokens)
     results["seconds"] = time.perf_counter() - started
@@ -183,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1 = all, as nanochat)")
     parser.add_argument("--tasks", help="comma-separated CORE task labels (default: all in the bundle)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    parser.add_argument("--bpb-data", help="text dataset (Hub id or local folder) for validation bits per byte")
-    parser.add_argument("--bpb-tokens", type=int, default=20 * 524288, help="validation tokens for bits per byte")
+    parser.add_argument("--bpb-data", help="text dataset (Hub id or local folder) for bits per byte on its train and "
+                        "validation splits")
+    parser.add_argument("--bpb-tokens", type=int, default=BPB_TOKENS, help="tokens of each split for bits per byte "
+                        "(default 40 x 524,288, nanochat's base_eval; rounded down to whole batches)")
     parser.add_argument("--tier", choices=TIERS, default="d20",
                         help="cpu: offline tasks from the project's generators (and CORE only with a local bundle); "
                         "other tiers: nanochat's Hub tasks (default d20)")
@@ -210,12 +242,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{label:<36} accuracy {acc:.4f}  centered {results['core']['centered_results'][label]:+.4f}")
         print(f"CORE metric: {results['core']['core_metric']:.4f}")
     if "bpb" in results:
+        print(f"train bits per byte: {results['bpb']['train_bpb']:.4f}")
         print(f"validation bits per byte: {results['bpb']['val_bpb']:.4f}")
     if "chat" in results:
         for name, r in results["chat"]["tasks"].items():
             extra = "".join(f"  {k} {r[k]:.4f}" for k in ("ends_turn_rate", "calculator_rate") if k in r)
             print(f"{name:<16} accuracy {r['accuracy']:.4f}{extra}")
-        print(f"ChatCORE: {results['chat']['chatcore']:.4f}")
+        for name, key, tasks in ((CHATCORE, "chatcore", CHATCORE_TASKS), (CHATCORE_CAT, "chatcore_cat",
+                                                                         CATEGORICAL_TASKS)):
+            value = results["chat"][key]
+            print(f"{name}: {value:.4f}" if value is not None else f"{name}: not computed (it needs "
+                  f"{', '.join(tasks)})")
         for key, value in results["chat"]["format"].items():
             if value is not None:
                 print(f"{key}: {value:.4f}")

@@ -13,9 +13,9 @@ Where the card's evaluation results come from (read tolerantly, see :func:`find_
   ``results/**/*.json`` inside the model folder (lighteval's output layout).
 
 Formats: ``nanochat-hf eval``'s own (``{"stage": ..., "core": {"core_metric": ...}, "bpb": {"val_bpb": ...},
-"chat": {"tasks": {name: {"accuracy": ...}}, "chatcore": ...}}``: its summary numbers are taken, not the 22 CORE
-tasks one by one); lighteval's ``{"results": {"suite|task|shots": {"metric": value}}}``; a nested
-``{"task": {"metric": value}}`` mapping; a flat ``{"task": value}`` one (``{"CORE": 0.22}``). Other numeric leaves
+"chat": {"tasks": {name: {"accuracy": ...}}, "chatcore": ..., "chatcore_cat": ...}}``: its summary numbers are
+taken, not the 22 CORE tasks one by one); lighteval's ``{"results": {"suite|task|shots": {"metric": value}}}``;
+a nested ``{"task": {"metric": value}}`` mapping; a flat ``{"task": value}`` one (``{"CORE": 0.22}``). Other numeric leaves
 become results; ``*_stderr`` entries, lighteval's aggregate ``all`` and its config sections are skipped; a file that
 is not JSON or holds no number is skipped with a warning. The report card is ``--report FILE`` or the first
 ``report.md`` found in the model folder, beside it, or in ``report/`` beside it.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,9 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .evaluation.chatcore import CHATCORE, CHATCORE_CAT
+from .output_folder import check_output_folder, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +65,8 @@ DEFAULT_DATASETS = (
 # Known evaluation tasks -> (Hub dataset id, dataset config, pretty name); others keep their own name.
 KNOWN_TASKS = {
     "core": ("core", None, "CORE"),  # DCLM's 22-task bundle: no single Hub dataset
-    "chatcore": ("chatcore", None, "ChatCORE"),
+    "chatcore": ("chatcore", None, CHATCORE),  # the names of evaluation/chatcore.py
+    "chatcorecat": ("chatcore_cat", None, CHATCORE_CAT),
     "arceasy": ("allenai/ai2_arc", "ARC-Easy", "ARC-Easy"),
     "arcchallenge": ("allenai/ai2_arc", "ARC-Challenge", "ARC-Challenge"),
     "mmlu": ("cais/mmlu", "all", "MMLU"),
@@ -147,8 +152,9 @@ def _nanochat_eval_results(data: dict, source: str) -> list[TaskResult]:
         for name, result in (chat.get("tasks") or {}).items():
             if isinstance(result, dict) and isinstance(result.get("accuracy"), (int, float)):
                 out.append(TaskResult(str(name), "accuracy", float(result["accuracy"]), source))
-        if isinstance(chat.get("chatcore"), (int, float)):
-            out.append(TaskResult("ChatCORE", "chatcore", float(chat["chatcore"]), source))
+        for name, key in ((CHATCORE, "chatcore"), (CHATCORE_CAT, "chatcore_cat")):
+            if isinstance(chat.get(key), (int, float)):  # None where not every task of its was evaluated
+                out.append(TaskResult(name, key, float(chat[key]), source))
     return out
 
 
@@ -161,7 +167,7 @@ def read_results(paths: Sequence[Path]) -> list[TaskResult]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             logger.warning("skipping results file %s: %s", path, err)
             continue
-        if isinstance(data, dict) and "stage" in data and ({"core", "chat"} & data.keys()):
+        if isinstance(data, dict) and "stage" in data and ({"core", "bpb", "chat"} & data.keys()):
             nanochat = _nanochat_eval_results(data, str(path))
             if not nanochat:
                 logger.warning("skipping results file %s: it holds no finished evaluation", path)
@@ -206,12 +212,14 @@ def eval_results_for_card(results: Sequence[TaskResult]):
 # Staging: the exact folders that are uploaded
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    # weights can be gigabytes: a hard link costs nothing and the upload only reads it
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
+    # Weights can be gigabytes: a hard link costs nothing, and `push` only reads it and deletes its folder. A folder
+    # the user keeps (--dry-run) gets copies, or changing a file in one would change it in the other.
+    if link:
+        with contextlib.suppress(OSError):
+            os.link(src, dst)
+            return
+    shutil.copy2(src, dst)
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -363,11 +371,13 @@ def stage_model_repo(
     datasets: Sequence[str] = DEFAULT_DATASETS,
     license: str = "mit",
     space_id: str | None = None,
+    link_weights: bool = False,
 ) -> Path:
     """Write into the new folder `out_dir` exactly what `push` uploads to the model repo `repo_id`.
 
     Weights (safetensors), config.json with `auto_map`, the model code from this package, the tokenizer and chat
-    template, generation_config.json and a model card (README.md) built from the report card and the results.
+    template, generation_config.json and a model card (README.md) built from the report card and the results. The
+    weights are copied, or hard-linked with `link_weights` (for a throwaway folder: they share their bytes).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
@@ -393,7 +403,7 @@ def stage_model_repo(
     out_dir.mkdir(parents=True, exist_ok=False)
     try:
         for path in weights + tokenizer_files:
-            _link_or_copy(path, out_dir / path.name)
+            _link_or_copy(path, out_dir / path.name, link_weights)
         for name in CODE_FILES:
             shutil.copy2(PACKAGE_DIR / name, out_dir / name)
         config["auto_map"] = dict(AUTO_MAP)
@@ -533,7 +543,7 @@ def push(
         # both folders complete before the first request: a bad input fails here, with nothing sent
         model_folder = stage_model_repo(model_dir, Path(tmp) / "model", repo_id, results_files=results_files,
                                         report_file=report_file, datasets=datasets, license=license,
-                                        space_id=space_id)
+                                        space_id=space_id, link_weights=True)
         space_folder = stage_space_repo(Path(tmp) / "space", repo_id) if space_id else None
         user = _hub_call("checking the token", endpoint, api.whoami)
         logger.info("pushing as %s", user.get("name"))
@@ -573,7 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default: {', '.join(DEFAULT_DATASETS)})")
     parser.add_argument("--license", default="mit", help="license in the card metadata (default mit)")
     parser.add_argument("--dry-run", metavar="OUT", help="write the folders that would be uploaded to OUT/model "
-                        "(and OUT/space) and stop; needs neither token nor network")
+                        "(and OUT/space), weights copied, and stop; needs neither token nor network. OUT must be new "
+                        "or empty")
+    parser.add_argument("--overwrite", action="store_true", help="with --dry-run: replace OUT if it holds an earlier "
+                        "dry run or another folder nanochat-hf wrote (never the current, home or model folder)")
     return parser
 
 
@@ -584,19 +597,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.space:
             _check_repo_id(args.space, "--space")
         if args.dry_run:
-            out = Path(args.dry_run)
-            if out.exists() and any(out.iterdir()):
-                raise ValueError(f"--dry-run folder {out} is not empty; pick a new one")
-            space = stage_space_repo(out / "space", args.repo_id) if args.space else None
-            try:
-                model = stage_model_repo(args.model, out / "model", args.repo_id, results_files=args.results,
-                                         report_file=args.report, datasets=datasets, license=args.license,
-                                         space_id=args.space)
-            except BaseException:
-                if space is not None:
-                    shutil.rmtree(space, ignore_errors=True)
-                raise
-            print(f"staged the model repo in {model}" + (f" and the Space in {space}" if space else ""))
+            out = check_output_folder(args.dry_run, overwrite=args.overwrite, flag="--dry-run",
+                                      inputs=[args.model, args.report, *(args.results or [])])
+            with staged_folder(out) as staged:
+                if args.space:
+                    stage_space_repo(staged / "space", args.repo_id)
+                stage_model_repo(args.model, staged / "model", args.repo_id, results_files=args.results,
+                                 report_file=args.report, datasets=datasets, license=args.license,
+                                 space_id=args.space)
+            print(f"staged the model repo in {out / 'model'}" + (f" and the Space in {out / 'space'}"
+                                                                 if args.space else ""))
             return
         result = push(args.model, args.repo_id, private=args.private, space_id=args.space,
                       results_files=args.results, report_file=args.report, datasets=datasets, license=args.license)

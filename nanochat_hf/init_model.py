@@ -1,14 +1,14 @@
 """Build a freshly initialised NanoChat model for a tokenizer and save both as one `save_pretrained` folder."""
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .configuration_nanochat import NanoChatConfig
 from .modeling_nanochat import NanoChatForCausalLM
+from .output_folder import publish_folder as publish_folder  # re-exported: pretrain imports it from here
+from .output_folder import staged_folder
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
@@ -49,30 +49,13 @@ def build_model(
     return model
 
 
-def publish_folder(staged: Path, out: Path) -> None:
-    """Move a fully written `staged` folder to `out` by renames, replacing whatever `out` held."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        staged.rename(out)
-        shutil.rmtree(old)
-    else:
-        staged.rename(out)
-
-
 def save_atomically(model: NanoChatForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> Path:
-    """Write model + tokenizer into a temporary sibling folder, then rename it into place.
+    """Write model + tokenizer into a hidden folder beside `out_dir`, then swap it in, replacing what was there.
 
-    A crash mid-write leaves the previous `out_dir` (or nothing) behind, never a half-written checkpoint.
+    A crash mid-write leaves the previous `out_dir` (or nothing) behind, never a half-written checkpoint. Whether
+    `out_dir` may be replaced is the caller's decision (output_folder.check_output_folder).
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        publish_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    with staged_folder(out_dir) as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+    return Path(out_dir)

@@ -7,8 +7,11 @@ Everything but the data is pretraining's: :class:`~nanochat_hf.pretrain.Pretrain
 checkpoints (with this stream's state, so a run resumes exactly), the loss log and validation bits per byte. The
 data is the stage's mixture (``nanochat_hf.tasks.build_mixture("midtrain", tier)``, or a local file of
 conversations), rendered through the chat template and best-fit packed into BOS-aligned rows
-(:class:`~nanochat_hf.data.conversations.ConversationStream`). The last ``val_rows`` conversations of the mixture
-are held out for bits per byte. With ``num_iterations: -1`` the run is one pass over the training conversations.
+(:class:`~nanochat_hf.data.conversations.ConversationStream`). Bits per byte are measured on the tasks' test splits
+(``build_mixture("midtrain", tier, split="val")``: SmolTalk test, MMLU test[:5200], GSM8K test[:420] as nanochat's),
+or a local ``val_conversations`` file, never on rows taken from the training mixture. With ``num_iterations: -1``
+the run is one pass over the training conversations: the fewest steps whose packed batches hold every conversation
+once (nanochat stops when its data cursor wraps).
 
 nanochat's settings (ORIG mid_train.py): start from the base model, base LRs unscaled (``init_lr_frac`` 1.0), no
 weight decay, no warmup, LR flat for 80% of the run then linear to 0.
@@ -19,13 +22,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from datasets import Dataset, load_dataset
 
-from .data.conversations import ConversationStream, count_tokens, render_dataset
+from .checkpoints import load_data_state, resume_point, truncate_step_logs
+from .data.conversations import ConversationStream, render_dataset
+from .errors import Bound, check_bounds, run_command
 from .modeling_nanochat import NanoChatForCausalLM
+from .optim import MuonAdamW, NanoChatSchedule, orthogonalization_dtype
+from .output_folder import run_folder
 from .pretrain import (
-    DATA_STATE,
     BitsPerByteSchedule,
     LossLog,
     NanoChatOptimizerFactory,
@@ -34,13 +39,11 @@ from .pretrain import (
     check_parallelism,
     keep_freed_memory_on_cpu,
     keep_local_gloo_on_loopback,
-    latest_checkpoint,
     parse_args,
     prepare_for_training,
     require_model_folder,
     save_final,
     training_arguments,
-    truncate_step_logs,
 )
 from .tokenizer import load_tokenizer
 from .training_plan import plan_training
@@ -51,7 +54,9 @@ class MidtrainArguments(PretrainArguments):
     """A midtraining run: pretraining's fields (the model comes from `init_from`) plus where the conversations
     come from."""
 
-    output_dir: str = field(default="runs/midtrain", metadata={"help": "checkpoints and the final model"})
+    output_dir: str = field(default="runs/midtrain", metadata={
+        "help": "checkpoints and the final model: a new or empty folder or one of this stage's runs "
+                "(anything else is refused; nothing is deleted)"})
     init_from: str | None = field(default="runs/d20/pretrain/final",
                                   metadata={"help": "base model folder (its tokenizer is used)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: init_from's)"})
@@ -60,7 +65,10 @@ class MidtrainArguments(PretrainArguments):
     conversations: str | None = field(default=None,
                                       metadata={"help": "a .jsonl/.parquet file of {'messages': [...]} rows to use "
                                                 "instead of the tier's mixture"})
-    val_rows: int = field(default=1000, metadata={"help": "conversations held out for validation bits per byte"})
+    val_conversations: str | None = field(default=None,
+                                          metadata={"help": "a .jsonl/.parquet file of validation conversations (with "
+                                                    "--conversations; default: the tier's test-split mixture)"})
+    val_rows: int = field(default=0, metadata={"help": "use only the first N validation conversations; 0: all"})
     max_rows: int = field(default=-1, metadata={"help": "use only the first N conversations (smoke runs); -1: all"})
     assistant_only_loss: bool = field(default=False,
                                       metadata={"help": "train only on nanochat's masked tokens (ORIG midtraining "
@@ -76,6 +84,40 @@ class MidtrainArguments(PretrainArguments):
     eval_tokens: int = field(default=20 * 524288, metadata={"help": "validation tokens per evaluation"})
     total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1: one pass over the mixture"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bounds(self, {"val_rows": Bound(low=0), "max_rows": Bound(low=1, off=-1), "num_proc": Bound(low=1)})
+
+
+def midtrain_muon_momentum(step: int) -> float:
+    """ORIG mid_train.py's Muon momentum: 0.85 -> 0.95 linearly over the first 300 steps, then held at 0.95
+    (pretraining's schedule climbs to 0.97 over 400 steps and dips during the warmdown; midtraining's does not)."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+class MidtrainSchedule(NanoChatSchedule):
+    """Pretraining's LR and weight-decay schedule with midtraining's own Muon momentum."""
+
+    def __init__(self, optimizer: MuonAdamW, total_steps: int, **kwargs):
+        super().__init__(optimizer, total_steps, momentum_schedule=False, **kwargs)
+
+    def get_lr(self) -> list[float]:
+        for group in self.optimizer.param_groups:
+            if group["kind"] == "muon":
+                group["momentum"] = midtrain_muon_momentum(self.last_epoch)
+        return super().get_lr()
+
+
+class MidtrainTrainer(PretrainTrainer):
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = MidtrainSchedule(
+                optimizer or self.optimizer, total_steps=num_training_steps, warmup_steps=self.run.warmup_steps,
+                warmdown_ratio=self.run.warmdown_ratio, final_lr_frac=self.run.final_lr_frac,
+            )
+        return self.lr_scheduler
 
 
 def parse_midtrain_args(argv: list[str] | None = None) -> MidtrainArguments:
@@ -109,6 +151,28 @@ def stage_mixture(stage: str, run) -> Dataset:
     return dataset
 
 
+def validation_mixture(run) -> Dataset:
+    """The conversations validation bits per byte are measured on: the tasks' test splits, as nanochat's mid_train."""
+    if run.val_conversations:
+        dataset = load_conversations(run.val_conversations)
+    elif run.conversations:
+        raise ValueError("--conversations needs --val_conversations FILE for validation (or --eval_every -1): "
+                         "validation never uses the training conversations")
+    else:
+        from .tasks import build_mixture  # imported here: the tasks pull in the datasets of every task
+
+        dataset = build_mixture("midtrain", tier=run.tier, data_dir=run.data_dir, seed=run.seed, split="val")
+    if run.val_rows > 0:
+        dataset = dataset.select(range(min(run.val_rows, len(dataset))))
+    return dataset
+
+
+def batches_per_pass(stream_fn, world_size: int) -> int:
+    """Packed batches the busiest rank needs for one pass over its shard (best-fit packing pads rows, so the
+    token count alone underestimates it)."""
+    return max(sum(1 for _ in stream_fn(rank=r, loop=False)) for r in range(world_size))
+
+
 def split_validation(dataset: Dataset, val_rows: int, world_size: int) -> tuple[Dataset, Dataset]:
     if len(dataset) < val_rows + world_size:
         raise ValueError(f"the mixture has {len(dataset)} conversations: too few to hold out val_rows={val_rows} and "
@@ -133,58 +197,68 @@ def train(run: MidtrainArguments) -> Path:
     seq = model.config.max_position_embeddings
 
     with training_args.main_process_first(desc="rendering the mixture"):
-        train_set, val_set = split_validation(stage_mixture("midtrain", run), run.val_rows, world)
-        train_set = render_dataset(train_set, tokenizer, max_tokens=seq + 1, num_proc=run.num_proc, name="midtrain")
-        val_set = render_dataset(val_set, tokenizer, max_tokens=seq + 1, num_proc=run.num_proc, name="midtrain val")
+        train_set = render_dataset(stage_mixture("midtrain", run), tokenizer, max_tokens=seq + 1,
+                                   num_proc=run.num_proc, name="midtrain")
+        val_set = None
+        if run.eval_every > 0:
+            val_set = render_dataset(validation_mixture(run), tokenizer, max_tokens=seq + 1, num_proc=run.num_proc,
+                                     name="midtrain val")
 
-    num_iterations = run.num_iterations
-    if num_iterations == -1:
-        total = run.total_batch_size if run.total_batch_size > 0 else run.device_batch_size * seq * world
-        num_iterations = max(1, math.ceil(count_tokens(train_set) / total))
-    plan = plan_training(model.config, device_batch_size=run.device_batch_size, world_size=world,
-                         total_batch_size=run.total_batch_size, num_iterations=num_iterations,
-                         weight_decay=run.weight_decay)
+    def stream(dataset: Dataset, **kwargs) -> ConversationStream:
+        kwargs = {"rank": rank, **kwargs}
+        return ConversationStream(dataset, seq_len=seq, batch_size=run.device_batch_size,
+                                  bos_token_id=tokenizer.bos_token_id, world_size=world,
+                                  assistant_only=run.assistant_only_loss, **kwargs)
+
+    def make_plan(num_iterations: int):
+        return plan_training(model.config, device_batch_size=run.device_batch_size, world_size=world,
+                             total_batch_size=run.total_batch_size, num_iterations=num_iterations,
+                             weight_decay=run.weight_decay)
+
+    plan = make_plan(max(run.num_iterations, 1))
+    if run.num_iterations == -1:  # one pass: the fewest steps whose micro-batches cover every conversation once
+        batches = batches_per_pass(lambda **kw: stream(train_set, **kw), world)
+        plan = make_plan(math.ceil(batches / plan.gradient_accumulation_steps))
     training_args.gradient_accumulation_steps = plan.gradient_accumulation_steps
     training_args.max_steps = plan.num_iterations
     training_args.save_steps = run.save_every if run.save_every > 0 else plan.num_iterations
 
-    def stream(dataset: Dataset, **kwargs) -> ConversationStream:
-        return ConversationStream(dataset, seq_len=seq, batch_size=run.device_batch_size,
-                                  bos_token_id=tokenizer.bos_token_id, rank=rank, world_size=world,
-                                  assistant_only=run.assistant_only_loss, **kwargs)
-
     eval_batches = max(1, run.eval_tokens // (run.device_batch_size * seq * world))
     train_stream = stream(train_set)
-    resume_from = latest_checkpoint(run.output_dir) if run.resume else None
+    resume_from = resume_point(run.output_dir, resume=run.resume, rank=rank, world_size=world)
     if resume_from is not None:
-        train_stream.load_state_dict(torch.load(resume_from / DATA_STATE.format(rank=rank), weights_only=False))
+        train_stream.load_state_dict(load_data_state(resume_from, rank))
     optimizer_kwargs = dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr,
                             matrix_lr=run.matrix_lr, scalar_lr=run.scalar_lr, weight_decay=plan.weight_decay,
-                            batch_lr_scale=plan.batch_lr_scale)
-    trainer = PretrainTrainer(
+                            batch_lr_scale=plan.batch_lr_scale,
+                            ortho_dtype=orthogonalization_dtype(training_args.mixed_precision))
+    trainer = MidtrainTrainer(
         model=model,
         args=training_args,
         processing_class=tokenizer,
         optimizer_cls_and_kwargs=(NanoChatOptimizerFactory, optimizer_kwargs),
         callbacks=[BitsPerByteSchedule(run.eval_every)],
         stream=train_stream,
-        val_stream_fn=lambda: stream(val_set, loop=False, max_batches=eval_batches),
+        val_stream_fn=None if val_set is None else lambda: stream(val_set, loop=False, max_batches=eval_batches),
         plan=plan,
         run=run,
     )
     trainer.add_callback(LossLog(trainer))
-    if resume_from is not None and trainer.args.should_save:
+    if trainer.args.should_save:
         truncate_step_logs(run.output_dir, resume_from)
     if rank == 0:
-        print(f"[midtrain] {len(train_set):,} conversations ({len(val_set):,} held out); plan "
+        print(f"[midtrain] {len(train_set):,} conversations ({len(val_set or []):,} for validation); plan "
               f"{json.dumps(asdict(plan))}", flush=True)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return save_final(trainer, tokenizer, run.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_midtrain_args(argv))
+    run = parse_midtrain_args(argv)
+    # a folder that is not a run is refused; a run that fails before writing leaves no empty folder behind
+    with run_folder(run.output_dir, inputs=[run.init_from, run.tokenizer, run.data_dir]):
+        train(run)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.midtrain`: input errors as in the CLI
+    run_command("midtrain", main)

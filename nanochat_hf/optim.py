@@ -53,6 +53,15 @@ def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def orthogonalization_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype Muon orthogonalises in for a run of this mixed precision (`TrainingArguments.mixed_precision`:
+    "no", "bf16" or "fp16", from --bf16 or the accelerate config). nanochat's rule (optim.py, COMPUTE_DTYPE):
+    bf16 where training computes in bf16, fp32 otherwise; fp16's range is too narrow for the iteration."""
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"unknown mixed precision {mixed_precision!r}; use 'no', 'bf16' or 'fp16'")
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+
+
 def _coefficients(method: str, steps: int) -> tuple[tuple[float, float, float], ...]:
     if method == "polar_express":
         return POLAR_EXPRESS_COEFFS[:steps]
@@ -132,7 +141,6 @@ def muon_prepare(grads: Tensor, momentum_buffer: Tensor, momentum: Scalar, momen
         torch.lerp(grads, momentum_buffer, momentum, out=g)
     else:
         g.copy_(momentum_buffer)
-    # bf16 on every device: nanochat's and torch.optim.Muon's choice; the iteration is an approximation anyway
     x = buffer("ortho_in", grads.shape, ortho_dtype, device)
     if row_equilibration:
         # MuonEq: every row to the mean row norm, so no row dominates the orthogonalisation. Then every row has
@@ -285,6 +293,11 @@ class MuonAdamW(torch.optim.Optimizer):
     Muon group keys: lr, momentum, nesterov, ns_steps, beta2 (NorMuon; None disables), weight_decay.
     AdamW group keys: lr, betas, eps, weight_decay (decoupled).
 
+    `ortho_dtype`: the dtype of the orthogonalisation, nanochat's compute dtype: bf16 where training computes in
+    bf16, fp32 otherwise (`orthogonalization_dtype(training_args.mixed_precision)`, as the stages pass it). None
+    takes nanochat's own default (common.py, COMPUTE_DTYPE): bf16 on CUDA GPUs that have it (compute capability
+    8.0+), and elsewhere the state's working dtype (fp32 for fp32 and bf16 weights).
+
     `compile_step`: run each group's update through torch.compile (True), eagerly (False), or compiled on CUDA
     and eager elsewhere (None). Both paths keep the same state, so a checkpoint of one resumes in the other.
     """
@@ -345,6 +358,12 @@ class MuonAdamW(torch.optim.Optimizer):
         other processes share, the compiled step is the faster one (0.3-0.5x): the eager path's thousands of small
         parallel regions each wait for a descheduled thread. `compile_step=True` chooses it."""
         return device.type == "cuda" if self.compile_step is None else self.compile_step
+
+    def _ortho_dtype(self, device: torch.device, work: torch.dtype) -> torch.dtype:
+        if self.ortho_dtype is not None:
+            return self.ortho_dtype
+        bf16_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if bf16_gpu else work
 
     def _tensors(self, device: torch.device, dtype: torch.dtype, **values: float) -> list[Tensor]:
         """This step's hyper-parameters as 0-D tensors on the parameters' device, filled in place: the compiled
@@ -457,7 +476,7 @@ class MuonAdamW(torch.optim.Optimizer):
                      neg_lr_wd=-adjusted_lr * wd, decay=1 - lr * wd)
         method, steps = self.orthogonalizer, group["ns_steps"]
         before_switches = dict(nesterov=group["nesterov"], row_equilibration=self.row_equilibration, method=method,
-                               ortho_dtype=self.ortho_dtype or torch.bfloat16)
+                               ortho_dtype=self._ortho_dtype(buf.device, work))
         after_switches = dict(renormalize=self.renormalize, cautious=self.cautious_weight_decay)
         if compiled:
             device = buf.device
@@ -559,16 +578,17 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 40, warmdown_
 
 
 def muon_momentum(step: int, total_steps: int, warmdown_ratio: float = 0.65) -> float:
-    """0.85 -> 0.97 over the first 400 steps, constant, then 0.97 -> 0.90 during the warmdown."""
-    warmdown_start = total_steps - round(warmdown_ratio * total_steps)
+    """nanochat's `get_muon_momentum`: 0.85 -> 0.97 over the first 400 steps, then 0.97, and 0.97 -> 0.90 during
+    the warmdown. The warmup comes first: in a run shorter than 400 steps it holds throughout, warmdown or not."""
+    warmdown_steps = round(warmdown_ratio * total_steps)
+    warmdown_start = total_steps - warmdown_steps
     if step < 400:
-        momentum = 0.85 + (0.97 - 0.85) * step / 400
-    else:
-        momentum = 0.97
-    if step > warmdown_start and total_steps > warmdown_start:
-        frac = (step - warmdown_start) / (total_steps - warmdown_start)
-        momentum = min(momentum, 0.97 + (0.90 - 0.97) * frac)
-    return momentum
+        frac = step / 400
+        return (1 - frac) * 0.85 + frac * 0.97
+    if step >= warmdown_start:
+        progress = (step - warmdown_start) / max(warmdown_steps, 1)  # no warmdown: only the step past the end
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
 
 
 def weight_decay_multiplier(step: int, total_steps: int) -> float:

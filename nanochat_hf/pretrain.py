@@ -20,24 +20,33 @@ import torch
 import yaml
 from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import rotate_checkpoints
 
+from .checkpoints import (
+    STAGING,
+    load_data_state,
+    resume_point,
+    rotate_checkpoints,
+    save_data_state,
+    truncate_step_logs,
+)
 from .data.pretrain import PretrainStream, evaluate_bpb
+from .errors import Bound, UsageError, check_bounds, check_choice, check_source, run_command
 from .fp8 import FP8_RECIPES, check_fp8_support, convert_to_fp8, fp8_disabled
 from .init_model import build_model, publish_folder, save_atomically
 from .modeling_nanochat import NanoChatForCausalLM
-from .optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups
+from .optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups, orthogonalization_dtype
+from .output_folder import run_folder
 from .tokenizer import load_tokenizer, token_bytes
-from .training_plan import TrainingPlan, gpu_peak_flops, plan_training
-
-DATA_STATE = "data_state_rank{rank}.pt"
+from .training_plan import TrainingPlan, check_batch_divides, gpu_peak_flops, plan_training
 
 
 @dataclass
 class PretrainArguments:
     """A pretraining run. Every field can be set in the recipe YAML and overridden on the command line."""
 
-    output_dir: str = field(default="runs/pretrain", metadata={"help": "checkpoints and the final model"})
+    output_dir: str = field(default="runs/pretrain", metadata={
+        "help": "checkpoints and the final model: a new or empty folder or one of this stage's runs "
+                "(anything else is refused; nothing is deleted)"})
     tokenizer: str = field(default="runs/cpu/tokenizer", metadata={"help": "tokenizer folder or Hub repo id"})
     dataset: str = field(default="karpathy/climbmix-400b-shuffle",
                          metadata={"help": "Hub dataset id or local folder/file of parquet, jsonl or txt"})
@@ -76,6 +85,28 @@ class PretrainArguments:
                                                "(CUDA GPUs of compute capability >= 8.9; needs --bf16 true)"})
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "torchao float8 recipe: tensorwise or rowwise"})
 
+    def __post_init__(self) -> None:
+        # Refused when parsed, before anything loads; -1 means "derive it" (nanochat's base_train) or "off".
+        check_bounds(self, {
+            "depth": Bound(low=1), "head_dim": Bound(low=1), "max_seq_len": Bound(low=1),
+            "device_batch_size": Bound(low=1), "total_batch_size": Bound(low=1, off=-1),
+            "num_iterations": Bound(low=1, off=-1),
+            "embedding_lr": Bound(low=0), "unembedding_lr": Bound(low=0), "matrix_lr": Bound(low=0),
+            "scalar_lr": Bound(low=0), "weight_decay": Bound(low=0), "warmup_steps": Bound(low=0),
+            "warmdown_ratio": Bound(low=0, high=1), "final_lr_frac": Bound(low=0, high=1),
+            "eval_every": Bound(low=1, off=-1), "eval_tokens": Bound(low=1), "save_every": Bound(low=1, off=-1),
+            "keep_last": Bound(low=1), "log_every": Bound(low=1), "num_workers": Bound(low=0), "seed": Bound(low=0),
+        })
+        if self.num_iterations == -1:  # the number of steps comes from the ratio
+            check_bounds(self, {"target_param_data_ratio": Bound(above=0)})
+        check_choice(self, "generation", ("2025", "2026"))
+        check_choice(self, "fp8_recipe", FP8_RECIPES)
+        if self.total_batch_size != -1 and self.init_from is None:
+            # a fresh model's context is max_seq_len: a step that whole micro-steps cannot fill fails here, not
+            # after the model is built; the launcher's WORLD_SIZE counts the processes
+            check_batch_divides(self.total_batch_size, self.device_batch_size, self.max_seq_len,
+                                int(os.environ.get("WORLD_SIZE", 1)))
+
 
 def prepare_for_training(model: NanoChatForCausalLM, run: PretrainArguments, device: torch.device) -> None:
     """FP8 conversion, then compilation, in nanochat's order. Both act in place, so the Trainer, DDP, the optimizer
@@ -93,10 +124,11 @@ def prepare_for_training(model: NanoChatForCausalLM, run: PretrainArguments, dev
 
 
 class NanoChatOptimizerFactory:
-    """`Trainer(optimizer_cls_and_kwargs=(NanoChatOptimizerFactory, kwargs))`: the Trainer calls it with the model."""
+    """`Trainer(optimizer_cls_and_kwargs=(NanoChatOptimizerFactory, kwargs))`: the Trainer calls it with the model.
+    `ortho_dtype` is Muon's (`orthogonalization_dtype` of the run's mixed precision); the rest goes to the groups."""
 
-    def __call__(self, model: NanoChatForCausalLM, **kwargs) -> MuonAdamW:
-        return MuonAdamW(nanochat_param_groups(model, **kwargs))
+    def __call__(self, model: NanoChatForCausalLM, ortho_dtype: torch.dtype | None = None, **kwargs) -> MuonAdamW:
+        return MuonAdamW(nanochat_param_groups(model, **kwargs), ortho_dtype=ortho_dtype)
 
 
 class PretrainTrainer(Trainer):
@@ -162,28 +194,27 @@ class PretrainTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    # --- checkpoints: atomic, with the data state -------------------------------------------------------------
+    # --- checkpoints: atomic, with the data state (nanochat_hf.checkpoints) -----------------------------------
     def _get_output_dir(self, trial):
         return getattr(self, "_staging_dir", None) or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
         name = f"checkpoint-{self.state.global_step}"
         final = Path(self.args.output_dir) / name
-        staging = Path(self.args.output_dir) / ".staging"
+        staging = Path(self.args.output_dir) / STAGING  # emptied at start-up by resume_point
         self._staging_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_dir = None
-        torch.save(self.stream.state_dict(), staging / name / DATA_STATE.format(rank=self.args.process_index))
+        save_data_state(self.stream.state_dict(), staging / name, self.args.process_index)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            if final.exists():
+            if final.exists():  # a checkpoint of an attempt that went further, skipped by resume as incomplete
                 shutil.rmtree(final)
             os.replace(staging / name, final)
             staging.rmdir()
-            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=None, use_mtime=False)
+            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, self.state.global_step)
         self.accelerator.wait_for_everyone()
 
 
@@ -237,6 +268,25 @@ class Throughput:
         return metrics
 
 
+def read_recipe(path: str) -> dict:
+    """A recipe YAML file: a mapping of field names to values (an empty file is an empty recipe)."""
+    if not Path(path).is_file():
+        raise UsageError(f"--config {path}: no such file; pass a recipe such as recipes/cpu/pretrain.yaml")
+    try:
+        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        # the line where the broken construct starts (its context), else where the parser gave up
+        where = getattr(err, "context_mark", None) or getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = ": ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None)))) or err
+        raise UsageError(f"--config {path}: not valid YAML{line} ({problem}); fix the file") from err
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--config {path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--config {path}: holds a {type(recipe).__name__}, not `field: value` lines")
+    return recipe
+
+
 def parse_args(argv: list[str] | None = None, arguments_cls: type = PretrainArguments,
                prog: str = "nanochat-hf pretrain",
                description: str = "Pretrain with nanochat's recipe. --config RECIPE.yaml sets the fields below; "
@@ -247,9 +297,11 @@ def parse_args(argv: list[str] | None = None, arguments_cls: type = PretrainArgu
     recipe_args: list[str] = []
     if "--config" in argv:
         i = argv.index("--config")
+        if i + 1 == len(argv):
+            raise UsageError("--config: expected a recipe file, e.g. --config recipes/cpu/pretrain.yaml")
         path = argv[i + 1]
         del argv[i : i + 2]
-        recipe = yaml.safe_load(Path(path).read_text()) or {}
+        recipe = read_recipe(path)
         unknown = sorted(set(recipe) - {f for f in arguments_cls.__dataclass_fields__})
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}; see `{prog} --help` for the fields")
@@ -262,19 +314,11 @@ def parse_args(argv: list[str] | None = None, arguments_cls: type = PretrainArgu
     return args
 
 
-def truncate_step_logs(output_dir: str, checkpoint: Path) -> None:
-    """Drop from losses.jsonl and bpb.jsonl the steps after the checkpoint a run resumes from: they are trained
-    again."""
-    step = int(checkpoint.name.split("-")[1])
-    for name in ("losses.jsonl", "bpb.jsonl"):
-        path = Path(output_dir) / name
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-
 def require_model_folder(init_from: str, previous_stage: str) -> None:
     """A stage that starts from a model refuses, before any work, a folder `save_pretrained` did not write."""
+    if not Path(init_from).exists():
+        raise UsageError(f"--init_from: no such folder: {init_from}; run `nanochat-hf {previous_stage}` first or "
+                         "point at its final/ folder")
     if not Path(init_from, "config.json").is_file():
         raise ValueError(f"--init_from {init_from}: not a save_pretrained model folder (no config.json); "
                          f"run `nanochat-hf {previous_stage}` first or point at its final/ folder")
@@ -289,14 +333,10 @@ def save_final(trainer: Trainer, tokenizer, output_dir: str) -> Path:
     return final
 
 
-def latest_checkpoint(output_dir: str) -> Path | None:
-    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
-
-
 def build_pretrain_model(run: PretrainArguments, tokenizer) -> NanoChatForCausalLM:
     """The model a run starts from; a fresh one is initialised from `run.seed` alone."""
     if run.init_from:
+        check_source(run.init_from, "--init_from")
         return NanoChatForCausalLM.from_pretrained(run.init_from)
     overrides = {"max_position_embeddings": run.max_seq_len}
     if run.head_dim is not None:
@@ -408,12 +448,13 @@ def train(run: PretrainArguments) -> Path:
                               rank=rank, world_size=world, num_workers=0, text_column=run.text_column,
                               max_batches=eval_batches)
 
-    resume_from = latest_checkpoint(run.output_dir) if run.resume else None
+    resume_from = resume_point(run.output_dir, resume=run.resume, rank=rank, world_size=world)
     if resume_from is not None:
-        stream.load_state_dict(torch.load(resume_from / DATA_STATE.format(rank=rank), weights_only=False))
+        stream.load_state_dict(load_data_state(resume_from, rank))
     optimizer_kwargs = dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr,
                             matrix_lr=run.matrix_lr, scalar_lr=run.scalar_lr, weight_decay=plan.weight_decay,
-                            batch_lr_scale=plan.batch_lr_scale)
+                            batch_lr_scale=plan.batch_lr_scale,
+                            ortho_dtype=orthogonalization_dtype(training_args.mixed_precision))
     trainer = PretrainTrainer(
         model=model,
         args=training_args,
@@ -428,7 +469,7 @@ def train(run: PretrainArguments) -> Path:
         run=run,
     )
     trainer.add_callback(LossLog(trainer))
-    if resume_from is not None and trainer.args.should_save:
+    if trainer.args.should_save:
         truncate_step_logs(run.output_dir, resume_from)
     if rank == 0:
         print(f"[pretrain] {model.num_parameters():,} parameters; plan {json.dumps(asdict(plan))}", flush=True)
@@ -444,9 +485,12 @@ def train(run: PretrainArguments) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
+    run = parse_args(argv)
+    # a folder that is not a run is refused; a run that fails before writing leaves no empty folder behind
+    with run_folder(run.output_dir, inputs=[run.tokenizer, run.dataset, run.init_from]):
+        train(run)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.pretrain`: input errors as in the CLI
+    run_command("pretrain", main)
 

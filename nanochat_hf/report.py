@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
+from .evaluation.chatcore import BESIDE_CHATCORE, CATEGORICAL_TASKS, CHATCORE, CHATCORE_CAT, CHATCORE_TASKS
+
 DASH = "—"
 MODEL_STAGES = ("base", "mid", "sft", "rl")
 TRAIN_STAGES = ("pretrain", "midtrain", "sft", "rl")
@@ -39,16 +41,14 @@ NANOCHAT_D20_TIMES = {
 DEFAULT_GPU_HOUR_USD = 3.0  # nanochat's H100 rate: an 8-GPU node at $24/h
 DEFAULT_GPUS = 8
 
-# Summary rows: (label, normalised names the eval JSON may use). evaluate.py names its chat tasks "ARC-Easy", ...;
-# matching on the normalised name also takes "arc_easy". Tasks of other names (the CPU tier's Arithmetic,
-# SimpleSpelling) get rows of their own before ChatCORE.
-CHAT_ROWS = (
-    ("ARC-Easy", {"arceasy"}),
-    ("ARC-Challenge", {"arcchallenge"}),
-    ("MMLU", {"mmlu"}),
-    ("GSM8K", {"gsm8k"}),
-    ("HumanEval", {"humaneval"}),
-    ("SpellingBee", {"spellingbee"}),
+# Summary rows of the chat tasks, in nanochat's order: ChatCORE's tasks, ChatCORE and ChatCORE_cat, then the tasks
+# reported beside them (SpellingBee, then any other the eval JSON holds, such as the CPU tier's Arithmetic and
+# SimpleSpelling). A task's row matches on the normalised name, so "arc_easy" fills "ARC-Easy".
+CHATCORE_NOTE = (
+    f"{CHATCORE}: the mean of (accuracy - baseline) / (1 - baseline) over "
+    + ", ".join(f"{task} {baseline:g}" for task, baseline in CHATCORE_TASKS.items())
+    + f"; {CHATCORE_CAT}: the same over {', '.join(CATEGORICAL_TASKS)} only; {', '.join(BESIDE_CHATCORE)} is "
+    "reported beside them and counts in neither."
 )
 # The chat-format checks the CPU tier is judged on: evaluate.py writes them pooled over the generative tasks'
 # replies as chat.format.ends_turn_rate / calculator_rate (and per task); the other names are accepted too.
@@ -454,11 +454,16 @@ def _summary_section(evals: dict[str, dict | None], bpb_curves: dict[str, list])
     # The base column of the chat rows stays empty: a base model is scored by CORE alone.
     chat_stages = [None, *(evals[s] for s in MODEL_STAGES[1:])]
     rows = [row("CORE", [_get(evals["base"], "core", "core_metric"), None, None, None])]
-    known = set().union(*(names for _, names in CHAT_ROWS))
+
+    def task_row(label: str) -> list[str]:
+        return row(label, [_task_accuracy(r, {_norm(label)}) for r in chat_stages])
+
+    known = {_norm(name) for name in (*CHATCORE_TASKS, *BESIDE_CHATCORE)}
     extra = dict.fromkeys(name for r in chat_stages for name in _chat_tasks(r) if _norm(name) not in known)
-    for label, names in [*CHAT_ROWS, *((name, {_norm(name)}) for name in extra)]:
-        rows.append(row(label, [_task_accuracy(r, names) for r in chat_stages]))
-    rows.append(row("ChatCORE", [_metric_value(_get(r, "chat", "chatcore")) for r in chat_stages]))
+    rows += [task_row(label) for label in CHATCORE_TASKS]
+    rows.append(row(CHATCORE, [_metric_value(_get(r, "chat", "chatcore")) for r in chat_stages]))
+    rows.append(row(CHATCORE_CAT, [_metric_value(_get(r, "chat", "chatcore_cat")) for r in chat_stages]))
+    rows += [task_row(label) for label in (*BESIDE_CHATCORE, *extra)]
     for label, key, names in FORMAT_ROWS:
         rows.append(row(label, [_format_metric(r, key, names) for r in chat_stages]))
     # Bits per byte: the base evaluation's, else the last validation point of its training stage.
@@ -467,10 +472,12 @@ def _summary_section(evals: dict[str, dict | None], bpb_curves: dict[str, list])
         if bpb[i] is None and bpb_curves.get(stage):
             bpb[i] = bpb_curves[stage][-1][1]
     rows.append(row("val bpb", bpb))
+    rows.append(row("train bpb", [_get(evals["base"], "bpb", "train_bpb"), None, None, None]))
     lines = ["## Summary", ""] + _table(["Metric", "BASE", "MID", "SFT", "RL"], rows)
-    lines += ["", f"{DASH}: not run, not evaluated, or not measured by that stage's evaluation. Ends its turn: the "
-              "share of generated replies that end with `<|assistant_end|>`; calls the calculator: the share of replies "
-              "to arithmetic questions that use the python tool."]
+    lines += ["", f"{DASH}: not run, not evaluated, or not measured by that stage's evaluation. {CHATCORE_NOTE} Ends "
+              "its turn: the share of generated replies that end with `<|assistant_end|>`; calls the calculator: the "
+              "share of replies to arithmetic questions that use the python tool. Bits per byte: the base "
+              "evaluation's on each split, else the last validation point of the stage's training."]
     centered = _get(evals["base"], "core", "centered_results")
     if isinstance(centered, dict) and centered:
         accuracy = _get(evals["base"], "core", "results") or {}

@@ -15,7 +15,9 @@ temperature 1.0, top-k 50, 256 new tokens   ``temperature``, ``top_k``, ``max_co
 no KL / reference model                     ``beta=0.0``
 on-policy, one pass per batch (no ratio)    ``num_iterations=1`` (the PPO ratio is exactly 1)
 advantage r - mean(r), no std division      ``scale_rewards="none"``
-token-level normalisation ("DAPO style")    ``loss_type="dapo"``
+-sum(logp*adv) / (valid tokens of a pass    ``loss_type="bnpo"`` (a micro-batch's valid tokens, / the
+x passes x examples per rank)               accumulation steps), micro-batches in sampler order
+stop token <|assistant_end|> not trained    :func:`exclude_stop_token` (TRL's completion_mask keeps it)
 reward: exact ``#### <number>`` match       :func:`gsm8k_accuracy` (``nanochat_hf.tasks.gsm8k``)
 LRs x 0.05, linear to 0, no weight decay    our Muon + AdamW factory, :class:`NanoChatTRLMixin`
 ==========================================  =========================================================
@@ -35,8 +37,12 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import split_tensor_dict
 
+from .errors import Bound, check_bounds, run_command
 from .modeling_nanochat import NanoChatForCausalLM
+from .optim import orthogonalization_dtype
+from .output_folder import run_folder
 from .pretrain import (
     LossLog,
     check_parallelism,
@@ -69,7 +75,9 @@ TOOLS_NOTE = (
 class RLArguments:
     """An RL run. Every field can be set in the recipe YAML and overridden on the command line."""
 
-    output_dir: str = field(default="runs/rl", metadata={"help": "checkpoints and the final model"})
+    output_dir: str = field(default="runs/rl", metadata={
+        "help": "checkpoints and the final model: a new or empty folder or one of this stage's runs "
+                "(anything else is refused; nothing is deleted)"})
     init_from: str = field(default="runs/d20/sft/final", metadata={"help": "model folder to train"})
     task: str = field(default="gsm8k", metadata={"help": "nanochat_hf.tasks task with `messages` + `answer` rows"})
     data_dir: str | None = field(default=None, metadata={"help": "local copy of the task's dataset (default: Hub)"})
@@ -97,6 +105,20 @@ class RLArguments:
     use_tools: bool = field(default=True, metadata={"help": "rollouts call the calculator at <|python_end|>, as "
                                                     "nanochat's engine"})
 
+    def __post_init__(self) -> None:
+        # Refused when parsed, before anything loads; -1 means "derive it" or "off". GRPO's advantage is a
+        # reward minus its group's mean: a group of one sample learns nothing (TRL refuses it too).
+        check_bounds(self, {
+            "examples_per_step": Bound(low=1), "num_samples": Bound(low=2), "device_batch_size": Bound(low=1),
+            "max_new_tokens": Bound(low=1), "temperature": Bound(above=0), "top_k": Bound(low=0),
+            "num_epochs": Bound(above=0), "num_iterations": Bound(low=1, off=-1),
+            "max_examples": Bound(low=1, off=-1),
+            "embedding_lr": Bound(low=0), "unembedding_lr": Bound(low=0), "matrix_lr": Bound(low=0),
+            "scalar_lr": Bound(low=0), "init_lr_frac": Bound(low=0), "weight_decay": Bound(low=0),
+            "save_every": Bound(low=1, off=-1), "keep_last": Bound(low=1), "log_every": Bound(low=1),
+            "seed": Bound(low=0),
+        })
+
 
 class NanoChatGRPOTrainer(NanoChatTRLMixin, GRPOTrainer):
     """GRPOTrainer takes no `optimizer_cls_and_kwargs`: our optimizer comes in through `create_optimizer`."""
@@ -108,9 +130,39 @@ class NanoChatGRPOTrainer(NanoChatTRLMixin, GRPOTrainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = FinetuneOptimizerFactory()(self.model if model is None else model,
-                                                        **self.optimizer_kwargs)
+            # Muon orthogonalises in the run's compute dtype, as in every other stage (nanochat's rule)
+            self.optimizer = FinetuneOptimizerFactory()(
+                self.model if model is None else model,
+                ortho_dtype=orthogonalization_dtype(self.args.mixed_precision), **self.optimizer_kwargs)
         return self.optimizer
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        return exclude_stop_token(batch, self.processing_class.convert_tokens_to_ids("<|assistant_end|>"))
+
+    def _prepare_inputs(self, generation_batch):
+        # TRL shuffles the generation batch before cutting it into micro-batches; nanochat's passes are
+        # device_batch_size consecutive samples (of one question when num_samples is a multiple of it), each
+        # normalised by its own valid tokens ("bnpo" divides by them and by the accumulation steps), so keep the
+        # sampler's order. One generation per optimizer step (num_iterations=1, steps_per_generation = accumulation).
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        if self._step % self.args.steps_per_generation == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+
+def exclude_stop_token(batch: dict, stop_id: int) -> dict:
+    """Take the ``<|assistant_end|>`` that ends each completion out of the loss, as nanochat (its engine drops the
+    terminal token from the sample and pads with it, masked). TRL keeps it in ``completion_mask``, which also
+    serves as attention, so the loss side (``tool_mask``; ones when no tools ran) carries the change."""
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    loss_mask = batch.get("tool_mask")
+    loss_mask = torch.ones_like(completion_mask) if loss_mask is None else loss_mask
+    stop = (completion_ids == stop_id) & completion_mask.bool()
+    batch["tool_mask"] = loss_mask.masked_fill(stop, 0)
+    return batch
 
 
 def parse_rl_args(argv: list[str] | None = None) -> RLArguments:
@@ -171,7 +223,8 @@ def grpo_config(run: RLArguments, generation_kwargs: dict | None = None) -> GRPO
         beta=0.0,
         num_iterations=1,
         scale_rewards="none",
-        loss_type="dapo",
+        loss_type="bnpo",
+        mask_truncated_completions=False,  # nanochat trains on samples cut at max_new_tokens too
         num_train_epochs=run.num_epochs,
         max_steps=run.num_iterations,
         max_grad_norm=0.0,
@@ -234,8 +287,11 @@ def train(run: RLArguments, dataset: Dataset | None = None, reward_funcs=None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_rl_args(argv))
+    run = parse_rl_args(argv)
+    # a folder that is not a run is refused; a run that fails before writing leaves no empty folder behind
+    with run_folder(run.output_dir, inputs=[run.init_from, run.data_dir]):
+        train(run)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.rl`: input errors as in the CLI
+    run_command("rl", main)

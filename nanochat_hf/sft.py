@@ -20,8 +20,11 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from .errors import Bound, check_bounds, run_command
 from .midtrain import split_validation, stage_mixture
 from .modeling_nanochat import NanoChatForCausalLM
+from .optim import orthogonalization_dtype
+from .output_folder import run_folder
 from .pretrain import (
     LossLog,
     check_parallelism,
@@ -38,7 +41,9 @@ from .trl_support import FinetuneOptimizerFactory, NanoChatTRLMixin, finetune_op
 class SFTArguments:
     """An SFT run. Every field can be set in the recipe YAML and overridden on the command line."""
 
-    output_dir: str = field(default="runs/sft", metadata={"help": "checkpoints and the final model"})
+    output_dir: str = field(default="runs/sft", metadata={
+        "help": "checkpoints and the final model: a new or empty folder or one of this stage's runs "
+                "(anything else is refused; nothing is deleted)"})
     init_from: str = field(default="runs/d20/midtrain/final", metadata={"help": "model folder to fine-tune"})
     tier: str = field(default="d20", metadata={"help": "mixture of nanochat_hf.tasks.build_mixture for this tier"})
     data_dir: str | None = field(default=None, metadata={"help": "local copies of the mixture's Hub datasets"})
@@ -67,6 +72,18 @@ class SFTArguments:
     seed: int = field(default=42, metadata={"help": "random seed"})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard or trackio"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
+
+    def __post_init__(self) -> None:
+        # Refused when parsed, before anything loads; -1 means "derive it" or "off".
+        check_bounds(self, {
+            "val_rows": Bound(low=0), "max_rows": Bound(low=1, off=-1), "max_seq_len": Bound(low=1, off=-1),
+            "device_batch_size": Bound(low=1), "target_examples_per_step": Bound(low=1),
+            "num_epochs": Bound(above=0), "num_iterations": Bound(low=1, off=-1),
+            "embedding_lr": Bound(low=0), "unembedding_lr": Bound(low=0), "matrix_lr": Bound(low=0),
+            "scalar_lr": Bound(low=0), "init_lr_frac": Bound(low=0), "weight_decay": Bound(low=0),
+            "eval_every": Bound(low=1, off=-1), "save_every": Bound(low=1, off=-1), "keep_last": Bound(low=1),
+            "log_every": Bound(low=1), "num_proc": Bound(low=1), "seed": Bound(low=0),
+        })
 
 
 class NanoChatSFTTrainer(NanoChatTRLMixin, SFTTrainer):
@@ -136,7 +153,7 @@ def train(run: SFTArguments, dataset: Dataset | None = None) -> Path:
     args = sft_config(run, max_length=max_length, eval_set=eval_set)
     Path(run.output_dir).mkdir(parents=True, exist_ok=True)
     check_parallelism(args.distributed_state.distributed_type)
-    optimizer_kwargs = finetune_optimizer_kwargs(run)
+    optimizer_kwargs = dict(finetune_optimizer_kwargs(run), ortho_dtype=orthogonalization_dtype(args.mixed_precision))
     trainer = NanoChatSFTTrainer(
         model=model,
         args=args,
@@ -151,8 +168,11 @@ def train(run: SFTArguments, dataset: Dataset | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_sft_args(argv))
+    run = parse_sft_args(argv)
+    # a folder that is not a run is refused; a run that fails before writing leaves no empty folder behind
+    with run_folder(run.output_dir, inputs=[run.init_from, run.data_dir, run.conversations]):
+        train(run)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.sft`: input errors as in the CLI
+    run_command("sft", main)

@@ -31,6 +31,7 @@ import torch
 
 from .data.embedded import embedded_corpus, write_corpus_shards
 from .data.pretrain import open_text_stream
+from .output_folder import check_run_folder
 from .report import git_state, write_report
 from .tokenizer import train_tokenizer
 
@@ -46,7 +47,7 @@ class Tier:
     pretraining_text: str = "karpathy/climbmix-400b-shuffle"
     # items per eval task (nanochat's max_per_task); -1 = all
     eval_max_per_task: int = -1
-    eval_bpb_tokens: int = 20 * 524288
+    eval_bpb_tokens: int = 40 * 524288  # per split, as nanochat HEAD's base_eval --split-tokens
     gpu: bool = True
 
 
@@ -122,7 +123,8 @@ def run_speedrun(
         raise FileNotFoundError(f"{RECIPES / tier} not found: run the speedrun from a checkout of nanochat-hf")
     spec = TIERS[tier]
     prefix = launcher(spec, accelerate_config)
-    run_dir = Path(run_dir).resolve()
+    # an earlier run in run_dir is continued (finished stages skipped); a folder holding anything else is refused
+    run_dir = check_run_folder(Path(run_dir).resolve(), inputs=[corpus], flag="--run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = run_dir / "speedrun.json"
     log: dict = json.loads(log_file.read_text()) if log_file.exists() else {}
@@ -131,6 +133,7 @@ def run_speedrun(
     log.setdefault("started", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     log.setdefault("git", git_state(ROOT))  # the code the run started with, not the checkout at report time
     stages_log = log.setdefault("stages", {})
+    log_file.write_text(json.dumps(log, indent=2))  # marks the folder as a run from the start, never left empty
     corpus_dir, tokenizer_dir = run_dir / "corpus", run_dir / "tokenizer"
     per_task = spec.eval_max_per_task if eval_max_per_task is None else eval_max_per_task
     env = {"TOKENIZERS_PARALLELISM": "false"}

@@ -4,7 +4,7 @@ nanochat (shared/reference/nanochat-spec.md §3) trains a GPT-4-style byte-level
 tiktoken. Here the same tokenizer is trained with the `tokenizers` library's Rust ``BpeTrainer`` and saved as a
 plain ``tokenizer.json`` that ``AutoTokenizer.from_pretrained`` loads without remote code:
 
-* no normalizer; pre-tokenizer = nanochat's split regex (``Split``, isolated) + ``ByteLevel`` (GPT-2 byte alphabet,
+* no normalizer but the chat escape's (below); pre-tokenizer = nanochat's split regex (``Split``, isolated) + ``ByteLevel`` (GPT-2 byte alphabet,
   no prefix space, no regex of its own); ``ByteLevel`` decoder, so decoding is byte-exact;
 * ids 0..255 are the byte tokens in byte order, then the merges in the order they were learned, then nanochat's
   9 special tokens as the last 9 ids -- the same id for every token as nanochat's rustbpe/tiktoken tokenizer;
@@ -13,10 +13,19 @@ plain ``tokenizer.json`` that ``AutoTokenizer.from_pretrained`` loads without re
 * ``ignore_merges=True``: like tiktoken, a pre-token that is itself a vocabulary entry is emitted whole.
 
 Special-token strings: ``tokenizer(text)`` follows the Hugging Face convention and turns a literal ``<|bos|>`` in
-the text into the special token -- ``apply_chat_template`` relies on that, since it renders the conversation to text
-first. nanochat never does (its ``encode`` calls tiktoken's ``encode_ordinary``); :func:`encode` follows nanochat
-and encodes such strings as ordinary text (``split_special_tokens=True``). For chat input from untrusted users,
-``apply_chat_template(..., sanitize_control_tokens=True)`` gives nanochat's behaviour inside messages.
+the text into the special token. nanochat never does (its ``encode`` calls tiktoken's ``encode_ordinary``);
+:func:`encode` follows nanochat and encodes such strings as ordinary text (``split_special_tokens=True``).
+
+Chat input is data, never control. ``apply_chat_template`` renders the conversation to text and tokenizes that, so
+a ``<|user_end|>`` typed in a message would become the special token. The chat template therefore writes every
+``|`` of message text (system, user, assistant, tool calls, tool output) as ``CHAT_ESCAPE + "|"``, which no special
+token matches, and tokenizer.json carries one normalizer, ``Replace(CHAT_ESCAPE + "|", "|")``, which the
+`tokenizers` pipeline applies after matching special tokens: the text is then encoded as typed. So
+``apply_chat_template(..., tokenize=True)`` -- and everything built on it: TRL's SFT/RL, the engine, midtraining,
+the chat evals, a server that renders the template and tokenizes the result -- gives exactly nanochat's ids (special
+tokens only where the conversation's structure puts them), assistant masks included, with no remote code. The one
+cost: plain text containing the two characters U+FDD0 ``|`` (a Unicode noncharacter, reserved for internal use)
+encodes as ``|``, where tiktoken would keep the U+FDD0; inside chat messages the escape keeps it.
 
 Training matches rustbpe exactly (same merges in the same order, hence the same ids; tested): both count the same
 regex chunks, pick the most frequent pair and break count ties by the smaller (left id, right id). ``BpeTrainer``
@@ -46,8 +55,10 @@ from pathlib import Path
 
 import regex
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .errors import UsageError, check_source
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +75,8 @@ SPECIAL_TOKENS = (
     "<|output_end|>",
 )
 BOS_TOKEN = "<|bos|>"
+# Written by the chat template before every "|" of message text, deleted by the tokenizer's normalizer (see above).
+CHAT_ESCAPE = "\ufdd0"
 # nanochat has no EOS/PAD token; <|assistant_end|> ends a reply (generation stops there) and pads in SFT/RL.
 EOS_TOKEN = "<|assistant_end|>"
 
@@ -75,6 +88,10 @@ EOS_TOKEN = "<|assistant_end|>"
 # is left open, which keeps renders prefix-preserving (TRL's multi-turn tool training relies on that).
 CHAT_TEMPLATE = r"""
 {#- nanochat conversation format; see nanochat_hf/tokenizer.py. -#}
+{#- Message text is data, never control: it goes out through esc(), which writes every "|" as U+FDD0 "|", so no
+    message can spell a special token (all are "<|...|>"). tokenizer.json's normalizer deletes the U+FDD0 after the
+    special tokens have been matched, so the text is encoded exactly as typed (CHAT_ESCAPE in tokenizer.py). -#}
+{%- macro esc(text) -%}{{- text|replace('|', '\ufdd0|') -}}{%- endmacro -%}
 {%- macro text_of(content, where) -%}
     {%- if content is none -%}
     {%- elif content is string -%}{{- content -}}
@@ -176,7 +193,7 @@ CHAT_TEMPLATE = r"""
             {%- set text = ns.system ~ '\n\n' ~ text -%}
             {%- set ns.system = none -%}
         {%- endif -%}
-        <|user_start|>{{- text -}}<|user_end|>
+        <|user_start|>{{- esc(text) -}}<|user_end|>
     {%- elif role == 'assistant' -%}
         {%- if ns.prev == 'user' -%}
             <|assistant_start|>
@@ -190,16 +207,16 @@ CHAT_TEMPLATE = r"""
         {%- endif -%}
         {%- set content = m['content'] if 'content' in m else none -%}
         {%- if content is string -%}
-            {%- generation -%}{{- content -}}{%- endgeneration -%}
+            {%- generation -%}{{- esc(content) -}}{%- endgeneration -%}
         {%- elif content is iterable and content is not mapping -%}
             {%- for part in content -%}
                 {%- set kind = part['type'] if part is mapping and 'type' in part else none -%}
                 {%- if kind == 'text' -%}
-                    {%- generation -%}{{- part['text'] -}}{%- endgeneration -%}
+                    {%- generation -%}{{- esc(part['text']) -}}{%- endgeneration -%}
                 {%- elif kind == 'python' -%}
-                    {%- generation -%}<|python_start|>{{- part['text'] -}}<|python_end|>{%- endgeneration -%}
+                    {%- generation -%}<|python_start|>{{- esc(part['text']) -}}<|python_end|>{%- endgeneration -%}
                 {%- elif kind == 'python_output' -%}
-                    <|output_start|>{{- part['text'] -}}<|output_end|>
+                    <|output_start|>{{- esc(part['text']) -}}<|output_end|>
                 {%- else -%}
                     {{- raise_exception(where ~ ': unknown assistant content part type ' ~ (kind|string)
                         ~ ' (expected text, python or python_output)') -}}
@@ -210,14 +227,14 @@ CHAT_TEMPLATE = r"""
         {%- endif -%}
         {%- set calls = m['tool_calls'] if 'tool_calls' in m and m['tool_calls'] else [] -%}
         {%- for call in calls -%}
-            {%- generation -%}<|python_start|>{{- call_code(call, where) -}}<|python_end|>{%- endgeneration -%}
+            {%- generation -%}<|python_start|>{{- esc(call_code(call, where)) -}}<|python_end|>{%- endgeneration -%}
         {%- endfor -%}
         {%- set ns.calls = calls|length > 0 -%}
     {%- elif role == 'tool' -%}
         {%- if not (ns.prev == 'tool' or (ns.prev == 'assistant' and ns.calls)) -%}
             {{- raise_exception(where ~ ': a tool message must follow an assistant message with tool_calls') -}}
         {%- endif -%}
-        <|output_start|>{{- text_of(m['content'] if 'content' in m else none, where) -}}<|output_end|>
+        <|output_start|>{{- esc(text_of(m['content'] if 'content' in m else none, where)) -}}<|output_end|>
     {%- elif role == 'system' -%}
         {{- raise_exception(where ~ ': a system message is only allowed as the first message') -}}
     {%- else -%}
@@ -472,13 +489,15 @@ def train_tokenizer(
     doc_cap: int | None = 10_000,
     max_chars: int | None = None,
     show_progress: bool = True,
+    source: str = "the training texts",
 ) -> PreTrainedTokenizerFast:
     """Train nanochat's tokenizer on `texts` (an iterable of documents) with the `tokenizers` BPE trainer.
 
     Learns ``vocab_size - 9`` regular tokens (256 bytes + merges) exactly as rustbpe would on the same documents;
     the 9 special tokens take the last 9 ids. Documents are cut to `doc_cap` characters and reading stops after the
     document that takes the total past `max_chars` (nanochat's tok_train uses 10,000 and 2B; None = no limit).
-    Progress bars come from the Rust trainer when `show_progress`.
+    Progress bars come from the Rust trainer when `show_progress`. Texts with nothing but whitespace are refused
+    (a UsageError naming `source`): they would give a tokenizer of bytes alone.
     """
     if isinstance(texts, str):
         raise TypeError("texts must be an iterable of documents, not a single string")
@@ -503,11 +522,16 @@ def train_tokenizer(
     with _parallel_pass_serial_merges() as input_exhausted:
 
         def stream() -> Iterator[str]:
+            has_text = False
             for number, doc in enumerate(_capped_docs(texts, doc_cap, max_chars)):
+                has_text = has_text or (doc != "" and not doc.isspace())
                 try:
                     yield _training_view(doc)
                 except ValueError as err:
                     raise ValueError(f"{err} (document {number} of the training texts)") from None
+            if not has_text:
+                raise UsageError(f"{source}: no text to train on (no documents, or only empty or whitespace ones); "
+                                 "give it text to learn merges from")
             input_exhausted()
 
         backend.train_from_iterator(stream(), trainer, length=length)
@@ -547,8 +571,9 @@ def configure_pipeline(backend: Tokenizer, pattern: str = SPLIT_PATTERN) -> None
 
 def wrap_backend(backend: Tokenizer) -> PreTrainedTokenizerFast:
     """Wrap a configured backend that already holds nanochat's special tokens as a transformers fast tokenizer:
-    BOS prepended by ``tokenizer(text)``, ``<|assistant_end|>`` as EOS and PAD, nanochat's chat template, and no
-    clean-up of spaces on decode (decoding must be byte-exact).
+    BOS prepended by ``tokenizer(text)``, ``<|assistant_end|>`` as EOS and PAD, nanochat's chat template with the
+    normalizer that undoes its escape of message text, and no clean-up of spaces on decode (decoding must be
+    byte-exact).
 
     The BOS rule lives in tokenizer.json's post-processor, which is what transformers 5 saves and reloads (it
     drops an ``add_bos_token`` flag from tokenizer_config.json), so it survives save_pretrained/from_pretrained.
@@ -556,6 +581,7 @@ def wrap_backend(backend: Tokenizer) -> PreTrainedTokenizerFast:
     bos_id = backend.token_to_id(BOS_TOKEN)
     if bos_id is None:
         raise ValueError(f"the backend tokenizer has no {BOS_TOKEN} token; add nanochat's special tokens first")
+    _install_chat_escape(backend)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B:1", special_tokens=[(BOS_TOKEN, bos_id)]
     )
@@ -568,6 +594,28 @@ def wrap_backend(backend: Tokenizer) -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
         model_input_names=["input_ids", "attention_mask"],
     )
+
+
+def chat_escape_normalizer() -> normalizers.Replace:
+    """The normalizer that undoes the chat template's escape of message text (see the module docstring)."""
+    return normalizers.Replace(CHAT_ESCAPE + "|", "|")
+
+
+def _install_chat_escape(backend: Tokenizer) -> None:
+    escape = chat_escape_normalizer()
+    if backend.normalizer is not None and backend.normalizer.__getstate__() != escape.__getstate__():
+        raise ValueError(f"the tokenizer already has a normalizer ({backend.normalizer}); nanochat's has none, and "
+                         "the chat template's escape needs its own")
+    backend.normalizer = escape
+
+
+def set_chat_template(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Give a nanochat tokenizer (in place) this package's chat template and the normalizer that goes with it. For
+    tokenizers saved before the template escaped message text, whose template lets a typed ``<|user_end|>`` become
+    the special token: load, call this, ``save_pretrained`` again."""
+    _install_chat_escape(tokenizer.backend_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def tokenizer_from_merges(vocab: dict[bytes, int], merges: Sequence[tuple[bytes, bytes]]) -> PreTrainedTokenizerFast:
@@ -587,9 +635,19 @@ def tokenizer_from_merges(vocab: dict[bytes, int], merges: Sequence[tuple[bytes,
     return wrap_backend(backend)
 
 
-def load_tokenizer(path_or_repo: str, **kwargs) -> PreTrainedTokenizerFast:
-    """``AutoTokenizer.from_pretrained`` for a folder or Hub repo saved by this package (no remote code needed)."""
-    return AutoTokenizer.from_pretrained(path_or_repo, **kwargs)
+def load_tokenizer(path_or_repo: str, *, what: str = "--tokenizer", **kwargs) -> PreTrainedTokenizerFast:
+    """``AutoTokenizer.from_pretrained`` for a folder or Hub repo saved by this package (no remote code needed).
+
+    A local folder that is missing, or that holds no loadable tokenizer, is a UsageError naming it (`what` names
+    the argument); a Hub repo id is left to huggingface_hub's own errors."""
+    check_source(str(path_or_repo), what)
+    if not Path(path_or_repo).expanduser().exists():
+        return AutoTokenizer.from_pretrained(path_or_repo, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(Path(path_or_repo).expanduser(), **kwargs)
+    except Exception as err:  # whatever a bad folder makes transformers or tokenizers raise, it is the folder's fault
+        raise UsageError(f"{what}: cannot load a tokenizer from {path_or_repo} ({type(err).__name__}: {err}); pass "
+                         "a folder written by `nanochat-hf tokenizer train` or save_pretrained") from err
 
 
 # ---------------------------------------------------------------------------------------------------------------

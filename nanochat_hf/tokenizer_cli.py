@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .output_folder import check_output_folder, staged_folder
 
 _TRAIN_DESCRIPTION = """\
 Train nanochat's byte-level BPE tokenizer (GPT-4-style split regex, 9 chat
@@ -67,9 +67,7 @@ def train_main(args: argparse.Namespace) -> None:
     from .data.embedded import embedded_corpus, embedded_corpus_info
     from .tokenizer import _capped_docs, compression_stats, train_tokenizer
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ValueError(f"{out}: exists and is not an empty folder; pass --overwrite to replace it")
+    out = check_output_folder(args.out, overwrite=args.overwrite, inputs=args.data or ())
     doc_cap = args.doc_cap or None
     max_chars = args.max_chars or None
     source = _texts(args.data, args.text_column) if args.data else embedded_corpus()
@@ -77,7 +75,8 @@ def train_main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     docs = _count(_capped_docs(source, doc_cap, max_chars), totals)
     tokenizer = train_tokenizer(
-        docs, args.vocab_size, doc_cap=None, max_chars=None, show_progress=not args.no_progress
+        docs, args.vocab_size, doc_cap=None, max_chars=None, show_progress=not args.no_progress,
+        source="--data " + " ".join(args.data) if args.data else "the embedded corpus",
     )
     seconds = time.perf_counter() - start
     info = {
@@ -92,18 +91,9 @@ def train_main(args: argparse.Namespace) -> None:
     if not args.data:
         info["embedded_corpus"] = embedded_corpus_info()
 
-    # Write beside the destination and rename into place, so an interrupted run never leaves a half folder.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as staged:  # an interrupted run never leaves a half folder
         tokenizer.save_pretrained(staged)
         (staged / "tokenizer_training.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        staged.rename(out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     print(
         f"trained a {len(tokenizer):,}-token tokenizer on {totals['documents']:,} documents "
         f"({totals['characters']:,} characters) in {seconds:.1f} s -> {out}"
@@ -162,7 +152,7 @@ def add_tokenizer_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         description=_TRAIN_DESCRIPTION,
         formatter_class=formatter,
     )
-    train.add_argument("--out", required=True, help="output folder for the tokenizer (created; must be empty)")
+    train.add_argument("--out", required=True, help="output folder for the tokenizer (new or empty)")
     train.add_argument(
         "--data",
         nargs="+",
@@ -185,7 +175,8 @@ def add_tokenizer_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         default=2_000_000_000,
         help="stop reading after this many characters, 0 = no limit (default: 2000000000, nanochat's)",
     )
-    train.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace --out if it holds a folder nanochat-hf wrote (never the current or home folder)")
     train.add_argument("--no-progress", action="store_true", help="hide the trainer's progress bars")
     train.set_defaults(func=train_main)
 

@@ -2,7 +2,8 @@
 
 Reference point (nanochat HEAD, base_train.py): a d12 model trained at the same tokens:params ratio with a batch
 of 2^19 tokens. Every other depth scales its batch by Power Lines (B ~ D^0.383), its LRs by sqrt(B / 2^19) and
-its Muon weight decay by sqrt(B / B_ref) * D_ref / D.
+its Muon weight decay by sqrt(B / B_ref) * D_ref / D. D is the token budget the ratio gives (`target_tokens`), also
+when the number of iterations is set explicitly: that sets the run's length (`total_tokens`), as in base_train.
 """
 
 import math
@@ -28,10 +29,24 @@ class TrainingPlan:
     num_iterations: int
     total_batch_size: int  # tokens per optimizer step, across all ranks
     gradient_accumulation_steps: int
-    target_tokens: int
+    target_tokens: int  # the ratio's token budget, which the batch size and weight decay are scaled by
+    total_tokens: int  # what the run trains on: num_iterations x total_batch_size
     batch_lr_scale: float
     weight_decay: float
     scaling_params: int
+
+
+def check_batch_divides(total_batch_size: int, device_batch_size: int, seq: int, world_size: int) -> int:
+    """Refuse a step of `total_batch_size` tokens that whole micro-steps cannot make up, as nanochat does; returns
+    the tokens of one micro-step over all processes."""
+    tokens_per_micro_step = device_batch_size * seq * world_size
+    if total_batch_size % tokens_per_micro_step:
+        raise ValueError(
+            f"total_batch_size={total_batch_size:,} tokens is not a multiple of device_batch_size x sequence length x "
+            f"world size = {device_batch_size} x {seq} x {world_size} = {tokens_per_micro_step:,}; change "
+            "--total_batch_size, --device_batch_size or the number of processes so that it divides"
+        )
+    return tokens_per_micro_step
 
 
 def plan_training(
@@ -45,6 +60,9 @@ def plan_training(
     weight_decay: float = 0.28,
 ) -> TrainingPlan:
     """The schedule nanochat derives from the depth. `-1` means "derive it"; explicit values win."""
+    if target_param_data_ratio <= 0:
+        raise ValueError(f"target_param_data_ratio={target_param_data_ratio} must be greater than 0: the token budget it "
+                         "gives sets the batch size and the weight decay, also when num_iterations is given")
     seq = config.max_position_embeddings
     params = scaling_params(config)
     target_tokens = int(target_param_data_ratio * params)
@@ -53,24 +71,17 @@ def plan_training(
     d_ref = target_param_data_ratio * scaling_params(reference)
     if total_batch_size == -1:
         total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
-    tokens_per_micro_step = device_batch_size * seq * world_size
-    if total_batch_size % tokens_per_micro_step:
-        raise ValueError(
-            f"total_batch_size={total_batch_size:,} tokens is not a multiple of device_batch_size x sequence length x "
-            f"world size = {device_batch_size} x {seq} x {world_size} = {tokens_per_micro_step:,}; change "
-            "--total_batch_size, --device_batch_size or the number of processes so that it divides"
-        )
+    tokens_per_micro_step = check_batch_divides(total_batch_size, device_batch_size, seq, world_size)
     if num_iterations == -1:
         num_iterations = max(1, target_tokens // total_batch_size)
-    else:
-        target_tokens = num_iterations * total_batch_size
     return TrainingPlan(
         num_iterations=num_iterations,
         total_batch_size=total_batch_size,
         gradient_accumulation_steps=total_batch_size // tokens_per_micro_step,
         target_tokens=target_tokens,
+        total_tokens=num_iterations * total_batch_size,
         batch_lr_scale=math.sqrt(total_batch_size / B_REF),
-        weight_decay=weight_decay * math.sqrt(total_batch_size / B_REF) * (d_ref / max(target_tokens, 1)),
+        weight_decay=weight_decay * math.sqrt(total_batch_size / B_REF) * (d_ref / target_tokens),
         scaling_params=params,
     )
 

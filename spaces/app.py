@@ -4,6 +4,10 @@ On a Space this file runs from its own folder: the model comes from the Hub by r
 by `nanochat-hf push --space`) and loads with `trust_remote_code=True`; the generation engine is the vendored package
 `nanochat_engine`. Locally, `nanochat-hf serve --model DIR` runs the same folder.
 
+What a visitor sends is data: special-token strings in messages stay text (the tokenizer's chat template sees to
+that), a history longer than the token limit could hold is refused by its size before it is tokenised, and sampling
+settings that are not finite numbers in range are refused with a gradio error naming them.
+
 Settings: `--model` or NANOCHAT_MODEL; limits by flag or NANOCHAT_MAX_MESSAGE_CHARS, NANOCHAT_MAX_TURNS,
 NANOCHAT_MAX_TOTAL_TOKENS, NANOCHAT_CONCURRENCY, NANOCHAT_QUEUE_SIZE.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -23,9 +28,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 try:
-    from nanochat_engine import Engine  # vendored into the Space by `nanochat-hf push`
+    from nanochat_engine.engine import Engine, replace_invalid_utf8  # vendored into the Space by `nanochat-hf push`
 except ImportError:  # spaces/app.py run from a checkout with nanochat-hf installed
-    from nanochat_hf.engine import Engine
+    from nanochat_hf.engine import Engine, replace_invalid_utf8
 
 HERE = Path(__file__).resolve().parent
 # Replies that are limit notices start with this; they are left out of the conversation the model sees.
@@ -91,7 +96,7 @@ def flatten(content) -> str:
 def history_to_messages(history: list[dict]) -> list[dict]:
     messages: list[dict] = []
     for entry in history:
-        role, text = entry.get("role"), flatten(entry.get("content"))
+        role, text = entry.get("role"), replace_invalid_utf8(flatten(entry.get("content")))
         if role not in ("user", "assistant"):
             continue
         if role == "assistant" and text.startswith(NOTICE):
@@ -103,6 +108,25 @@ def history_to_messages(history: list[dict]) -> list[dict]:
         else:
             messages.append({"role": role, "content": text})
     return messages
+
+
+def _number(name: str, value, low: float, high: float = math.inf, whole: bool = False) -> float:
+    """`value` if it is a number in [low, high] (a whole one if `whole`), else a gr.Error naming the setting: the
+    sliders cannot send NaN, infinities or text, but a client of the API can."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and low <= value <= high and (not whole or value == int(value))):
+        kind = "a whole number" if whole else "a number"
+        bound = f">= {low:g}" if high == math.inf else f"from {low:g} to {high:g}"
+        raise gr.Error(f"{name} must be {kind} {bound}, got {value!r}")
+    return value
+
+
+def check_sampling(temperature, top_k, max_tokens) -> tuple[float, int | None, int]:
+    """The sampling settings as the engine takes them (top_k 0 = off); gr.Error for anything else."""
+    temperature = float(_number("temperature", temperature, 0.0, 2.0))
+    top_k = int(_number("top_k", top_k, 0, whole=True))
+    max_tokens = int(_number("max_tokens", max_tokens, 1, whole=True))
+    return temperature, top_k or None, max_tokens
 
 
 def _prompt_length(tokenizer, messages: list[dict]) -> int:
@@ -119,16 +143,25 @@ class Chat:
         self.engine, self.limits = engine, limits
         context = engine.model.config.max_position_embeddings
         self.max_total_tokens = min(limits.max_total_tokens or context, context)
+        # No token is longer than the longest vocabulary entry (byte-level: one character per byte), so a
+        # conversation with more characters than this cannot fit; it is refused without being tokenised.
+        longest_token = max(len(token) for token in engine.tokenizer.get_vocab())
+        self.max_total_chars = self.max_total_tokens * longest_token
 
     def refuse(self, message: str, history: list[dict]) -> tuple[str | None, list[dict], int]:
         """A notice when a limit is hit, else the conversation to send and how many tokens the reply may use."""
         limits = self.limits
+        message = replace_invalid_utf8(message)
         if not message.strip():
             return NOTICE + "Please type a message.", [], 0
         if len(message) > limits.max_message_chars:
             return (NOTICE + f"Your message is {len(message):,} characters long; the limit is "
                     f"{limits.max_message_chars:,}. Please shorten it.", [], 0)
         messages = history_to_messages(history)
+        chars = len(message) + sum(len(m["content"]) for m in messages)
+        if chars > self.max_total_chars:
+            return (NOTICE + f"This conversation is {chars:,} characters long, more than {self.max_total_tokens:,} "
+                    "tokens can hold. Clear it to start a new one.", [], 0)
         turns = sum(m["role"] == "user" for m in messages)
         if turns >= limits.max_turns:
             return (NOTICE + f"This conversation has reached the limit of {limits.max_turns} turns. Clear it "
@@ -144,6 +177,7 @@ class Chat:
     def respond(self, message: str, history: list[dict], temperature: float, top_k: float,
                 max_tokens: float) -> Iterator[str]:
         """A generator method: gradio streams what a generator function yields (the cumulative reply)."""
+        temperature, top_k, max_tokens = check_sampling(temperature, top_k, max_tokens)
         notice, messages, room = self.refuse(message, history)
         if notice is not None:
             yield notice
@@ -151,9 +185,9 @@ class Chat:
         reply = ""
         for delta in self.engine.stream_chat(
             messages,
-            max_tokens=max(1, min(int(max_tokens), room)),
-            temperature=min(max(float(temperature), 0.0), 2.0),
-            top_k=int(top_k) if top_k and int(top_k) > 0 else None,
+            max_tokens=min(max_tokens, room),  # the reply stops at the conversation's token limit
+            temperature=temperature,
+            top_k=top_k,
             seed=random.randrange(2**31),  # nanochat's server drew a fresh seed per request
         ):
             reply += delta

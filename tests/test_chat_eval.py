@@ -100,9 +100,9 @@ def test_categorical_scoring_matches_an_independent_restatement(tiny, data_dir):
 
 def test_multiple_choice_runners_read_the_eval_split_and_crop(tiny, data_dir):
     model, tokenizer = tiny
-    run, baseline = chat.HUB_CHAT_EVALS["MMLU"]
+    run = chat.HUB_CHAT_EVALS["MMLU"]
     result = run(model, tokenizer, max_per_task=2, batch_size=2, data_dir=data_dir, details=True)
-    assert baseline == 0.25 and result["examples"] == 2
+    assert result["examples"] == 2
     shuffled = load_task("mmlu", "test", data_dir / "cais/mmlu").shuffle(seed=42)
     assert [i["answer"] for i in result["items"]] == shuffled["answer"][:2]
 
@@ -130,10 +130,10 @@ def test_generative_tasks_agree_with_transformers_generate(tiny, data_dir):
     for name, load in (("GSM8K", lambda: chat.hub_eval_set("gsm8k", -1, data_dir)),
                        ("HumanEval", lambda: chat.hub_eval_set("humaneval", -1, data_dir)),
                        ("SpellingBee", lambda: chat.spellingbee_eval_set(3, data_dir))):
-        run, baseline = chat.HUB_CHAT_EVALS[name]
+        run = chat.HUB_CHAT_EVALS[name]
         result = run(model, tokenizer, max_per_task=3, data_dir=data_dir, max_tokens=12, details=True)
         rows = list(load())[:3]
-        assert baseline == 0.0 and result["examples"] == len(rows) == len(result["items"]) and rows
+        assert result["examples"] == len(rows) == len(result["items"]) and rows
         for row, item in zip(rows, result["items"], strict=True):
             (tokens,) = item["tokens"]
             prompt = chat.render_prompt(tokenizer, row["messages"])
@@ -177,6 +177,9 @@ def test_humaneval_runs_programs_in_the_sandbox():
     assert chat.score_humaneval(row, "def total(xs: List[int]) -> int:\n    return sum(xs)\n")
     assert not chat.score_humaneval(row, "```python\ndef total(xs):\n    return len(xs)\n```")
     assert not chat.score_humaneval(row, "```python\ndef total(xs) return 0\n```")  # syntax error
+    # nanochat's extraction: a "```py" fence opens no block, so the whole reply is the program (a syntax error)
+    assert not chat.score_humaneval(row, f"```py\n{good}```")
+    assert chat.score_humaneval(row, f"```python\n{good}```")
     assert not chat.score_humaneval(row, "```python\nimport os\ndef total(xs):\n    os.system('true')\n"
                                          "    return sum(xs)\n```")  # the sandbox refuses subprocesses
 
@@ -184,7 +187,7 @@ def test_humaneval_runs_programs_in_the_sandbox():
 def test_format_metrics_on_a_model_that_ends_turns_and_calls_the_calculator(scripted_checkpoint, tiny):
     scripted = AutoModelForCausalLM.from_pretrained(scripted_checkpoint, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(scripted_checkpoint)
-    run, _ = chat.CPU_TIER_EVALS["Arithmetic"]
+    run = chat.CPU_TIER_EVALS["Arithmetic"]
     result = run(scripted, tokenizer, max_per_task=3, max_tokens=32, details=True)
     assert result["ends_turn_rate"] == 1.0 and result["calculator_rate"] == 1.0 and result["accuracy"] == 0.0
     assert result["items"][0]["replies"] == [
@@ -233,8 +236,10 @@ def test_cpu_tier_eval_end_to_end(tmp_path, scripted_checkpoint):
         assert task["examples"] == 2 and task["accuracy"] == 0.0 and task["ends_turn_rate"] == 1.0
     assert chat_results["tasks"]["Arithmetic"]["calculator_rate"] == 1.0
     assert chat_results["format"] == {"ends_turn_rate": 1.0, "calculator_rate": 1.0}
-    assert chat_results["chatcore"] == 0.0
-    assert "ends_turn_rate: 1.0000" in proc.stdout and "ChatCORE: 0.0000" in proc.stdout
+    # None of nanochat's ChatCORE tasks runs offline, so there is no ChatCORE: its tasks are not averaged in.
+    assert chat_results["chatcore"] is None and chat_results["chatcore_cat"] is None
+    assert "ends_turn_rate: 1.0000" in proc.stdout
+    assert "ChatCORE: not computed (it needs ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval)" in proc.stdout
 
 
 def test_cpu_tier_base_stage_scores_bits_per_byte_without_a_bundle(tmp_path, tiny_checkpoint, monkeypatch):
@@ -253,7 +258,8 @@ def test_cpu_tier_base_stage_scores_bits_per_byte_without_a_bundle(tmp_path, tin
     evaluate.main(["--model", str(tiny_checkpoint), "--tier", "cpu", "--bpb-data", str(data), "--bpb-tokens", "256",
                    "--batch-size", "1", "--output", str(out)])
     results = json.loads(out.read_text())
-    assert "core" not in results and results["bpb"]["val_bpb"] > 0 and results["tier"] == "cpu"
+    assert "core" not in results and results["tier"] == "cpu" and results["bpb"]["tokens"] == 256
+    assert results["bpb"]["val_bpb"] > 0 and results["bpb"]["train_bpb"] > 0
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(tiny_checkpoint), "--tier", "tpu"])
     with pytest.raises(ValueError, match="tier 'gpu'"):

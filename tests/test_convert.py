@@ -184,7 +184,7 @@ def nanochat_run(tmp_path_factory, tiktoken_encodings):
             )
             sd = nanochat_state_dict(generation, vocab, seed=1)
             write_checkpoint(ckpt, sd, nanochat_meta(generation, vocab, 20), compiled=compiled)
-            converted = root / "hf"
+            converted = tmp_path_factory.mktemp(f"hf-{case}") / "hf"  # outside the input folder, as required
             from_nanochat(ckpt, converted)
             cache[case] = {"ckpt": ckpt, "sd": sd, "encoding": encoding, "hf": converted, "root": root}
         return cache[case]
@@ -573,7 +573,10 @@ def test_existing_output_is_kept(nanochat_run, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match="not empty"):
         from_nanochat(nanochat_run("2025")["ckpt"], out)
+    with pytest.raises(ConversionError, match="not written by nanochat-hf"):  # overwrite replaces only our folders
+        from_nanochat(nanochat_run("2025")["ckpt"], out, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "config.json").write_text("{}")  # now one of ours (an older conversion): replaced whole
     from_nanochat(nanochat_run("2025")["ckpt"], out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 

@@ -48,8 +48,8 @@ LIGHTEVAL_RESULTS = {
 NANOCHAT_EVAL = {
     "model": "runs/cpu/sft", "stage": "sft", "max_per_task": 16,
     "chat": {"tasks": {"ARC-Easy": {"accuracy": 0.3876, "correct": 6, "total": 16},
-                       "GSM8K": {"accuracy": 0.0455}},
-             "chatcore": 0.0884},
+                       "GSM8K": {"accuracy": 0.0455}, "SpellingBee": {"accuracy": 0.5}},
+             "chatcore": 0.0884, "chatcore_cat": 0.1021},
     "seconds": 12.5,
 }
 
@@ -145,7 +145,8 @@ def test_model_card_metadata_is_valid(staged):
     assert name == "nanochat-tiny"
     found = {(r.dataset_name, r.metric_type): r.metric_value for r in results}
     assert found == {("CORE", "acc"): 0.2219, ("GSM8K", "em"): 0.0455, ("ARC-Easy", "accuracy"): 0.3876,
-                     ("GSM8K", "accuracy"): 0.0455, ("ChatCORE", "chatcore"): 0.0884}
+                     ("GSM8K", "accuracy"): 0.0455, ("ChatCORE", "chatcore"): 0.0884,
+                     ("ChatCORE_cat", "chatcore_cat"): 0.1021, ("SpellingBee", "accuracy"): 0.5}
     arc = next(r for r in results if r.dataset_name == "ARC-Easy")
     assert (arc.dataset_type, arc.dataset_config) == ("allenai/ai2_arc", "ARC-Easy")
     # the report card is in the body, its headings below the card's own
@@ -172,6 +173,15 @@ def test_results_reading_is_tolerant(tmp_path):
     got = {(r.task, r.metric, r.value) for r in read_results(files)}
     assert got == {("CORE", "centered_accuracy", 0.2219), ("bits_per_byte", "bpb", 0.81), ("core", "acc", 0.2219), ("gsm8k", "em", 0.0455), ("CORE", "score", 0.25),
                    ("ChatCORE", "score", 0.1), ("sft/mmlu", "acc", 0.31)}
+
+
+def test_a_base_eval_with_bits_per_byte_alone_gives_the_validation_bpb(tmp_path):
+    # the CPU tier's base stage without an eval bundle: bits per byte on both splits, no CORE
+    path = tmp_path / "eval_base.json"
+    path.write_text(json.dumps({"model": "m", "stage": "base", "seconds": 3.0, "bpb": {
+        "train_bpb": 0.83, "val_bpb": 0.81, "tokens": 65536, "tokens_read": {"train": 65536, "val": 65536},
+        "dtype": "float32", "data": "x"}}))
+    assert [(r.task, r.metric, r.value) for r in read_results([path])] == [("bits_per_byte", "bpb", 0.81)]
 
 
 def test_no_results_and_no_report_still_make_a_valid_card(tiny_checkpoint, tmp_path):

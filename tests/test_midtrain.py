@@ -16,7 +16,8 @@ from nanochat_hf.data.conversations import (
     render_conversation,
     render_dataset,
 )
-from nanochat_hf.midtrain import parse_midtrain_args, train
+from nanochat_hf.midtrain import MidtrainSchedule, parse_midtrain_args, train
+from nanochat_hf.pretrain import NanoChatOptimizerFactory
 from nanochat_hf.tokenizer import load_tokenizer
 
 from .chat_fixtures import conversations, tool_conversation, write_jsonl
@@ -109,28 +110,53 @@ def test_stream_resumes_exactly_and_shards_by_rank(rendered, tokenizer):
     assert make(rank=1, world_size=2).shard == list(range(1, len(rendered), 2))
 
 
-def test_cpu_recipe_midtrains_one_pass_from_a_checkpoint(tiny_checkpoint, tmp_path, capsys):
-    # num_iterations -1: one pass over the training conversations, planned from their rendered token count
+def test_muon_momentum_is_midtrainings_ramp_then_held(tiny_model_factory):
+    # ORIG mid_train.py: 0.85 -> 0.95 linearly over 300 steps, then 0.95 (not pretraining's 0.85 -> 0.97 / 400 steps
+    # and its warmdown dip), read back from the optimizer's Muon groups after the scheduler stepped.
+    optimizer = NanoChatOptimizerFactory()(tiny_model_factory(), weight_decay=0.0)
+    schedule = MidtrainSchedule(optimizer, total_steps=1000, warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0)
+    seen = {0: None, 150: None, 300: None, 1000: None}
+    for step in range(1001):
+        if step in seen:
+            seen[step] = {g["momentum"] for g in optimizer.param_groups if g["kind"] == "muon"}
+        optimizer.step()
+        schedule.step()
+    assert {k: [round(m, 12) for m in v] for k, v in seen.items()} == {0: [0.85], 150: [0.9], 300: [0.95],
+                                                                      1000: [0.95]}
+
+
+def test_cpu_recipe_midtrains_one_pass_validating_on_other_conversations(tiny_checkpoint, tmp_path, capsys):
+    # num_iterations -1: the fewest steps whose packed micro-batches hold every training conversation once; all 40
+    # train (validation reads its own file, nothing is held out of the training set)
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(40))
+    val = write_jsonl(tmp_path / "val.jsonl", conversations(48)[40:])
     out = tmp_path / "mid"
     final = train(parse_midtrain_args([
         "--config", str(ROOT / "recipes/cpu/midtrain.yaml"), "--init_from", str(tiny_checkpoint),
-        "--conversations", data, "--output_dir", str(out), "--num_iterations", "-1", "--device_batch_size", "2",
-        "--total_batch_size", "1024", "--val_rows", "8", "--eval_every", "2", "--eval_tokens", "512",
-        "--save_every", "2", "--log_every", "1",
+        "--conversations", data, "--val_conversations", val, "--output_dir", str(out), "--num_iterations", "-1",
+        "--device_batch_size", "1", "--total_batch_size", "256", "--val_rows", "0", "--eval_every", "2",
+        "--eval_tokens", "512", "--save_every", "2", "--log_every", "1",
     ]))
-    plan = json.loads(capsys.readouterr().out.split("plan ")[1].splitlines()[0])
-    rendered = render_dataset(Dataset.from_list(conversations(32)), load_tokenizer(str(tiny_checkpoint)), 257)
-    tokens = sum(len(ids) for ids in rendered["input_ids"])
+    printed = capsys.readouterr().out
+    assert "[midtrain] 40 conversations (8 for validation)" in printed
+    plan = json.loads(printed.split("plan ")[1].splitlines()[0])
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    rendered = render_dataset(Dataset.from_list(conversations(40)), tokenizer, 257)
+    # one pass by hand: one row of 256 (+1) tokens a step; best-fit packing pads rows, so the token count alone
+    # (3,213 tokens: 13 rows) would stop short of the last conversations
+    one_pass = ConversationStream(rendered, seq_len=256, batch_size=1, bos_token_id=tokenizer.bos_token_id, loop=False)
     steps = plan["num_iterations"]
-    assert steps == -(-tokens // 1024) and steps >= 3
+    assert steps == sum(1 for _ in one_pass) > -(-sum(len(ids) for ids in rendered["input_ids"]) // 256)
+    # midtraining's momentum reached the optimizer: 0.85 + 0.10 * step / 300 after the last step
+    groups = torch.load(out / f"checkpoint-{steps}" / "optimizer.pt", weights_only=False)["param_groups"]
+    assert {round(g["momentum"], 12) for g in groups if g["kind"] == "muon"} == {round(0.85 + 0.1 * steps / 300, 12)}
     logged = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, steps + 1))
     bpb_steps = [json.loads(line)["step"] for line in (out / "bpb.jsonl").read_text().splitlines()]
     assert bpb_steps[0] == 2  # eval_every 2: validation bits per byte on the held-out conversations
     # saved at step 2 and at the end; keep_last 1 rotated checkpoint-2 away
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{steps}"]
-    assert (out / f"checkpoint-{steps}" / "data_state_rank0.pt").exists()
+    assert (out / f"checkpoint-{steps}" / "data_state_rank0.json").exists()
     model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True)
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
@@ -145,7 +171,7 @@ def test_bad_inputs_are_refused(tmp_path, tiny_checkpoint):
         train(parse_midtrain_args(["--init_from", str(tiny_checkpoint), "--conversations",
                                    str(tmp_path / "bad.jsonl"), "--output_dir", str(tmp_path / "o")]))
     data = write_jsonl(tmp_path / "few.jsonl", conversations(5))
-    with pytest.raises(ValueError, match="lower --val_rows"):
+    with pytest.raises(ValueError, match="needs --val_conversations FILE for validation"):
         train(parse_midtrain_args(["--init_from", str(tiny_checkpoint), "--conversations", data,
                                    "--output_dir", str(tmp_path / "o")]))
     assert not (tmp_path / "o" / "final").exists()
@@ -153,6 +179,20 @@ def test_bad_inputs_are_refused(tmp_path, tiny_checkpoint):
     recipe.write_text("depht: 3\n")
     with pytest.raises(ValueError, match=r"unknown keys \['depht'\]; see `nanochat-hf midtrain --help`"):
         parse_midtrain_args(["--config", str(recipe)])
+
+
+def test_validation_is_the_tasks_test_splits_never_the_training_conversations(tmp_path):
+    from nanochat_hf.midtrain import validation_mixture
+    from nanochat_hf.tasks import build_mixture
+
+    # the tier's mixture: its tasks' test splits (cpu: arithmetic 100 + simple spelling 100 + spelling bee 50)
+    run = parse_midtrain_args(["--tier", "cpu", "--seed", "3", "--val_rows", "0"])
+    assert validation_mixture(run)["messages"] == build_mixture("midtrain", "cpu", seed=3, split="val")["messages"]
+    assert len(validation_mixture(parse_midtrain_args(["--tier", "cpu", "--val_rows", "20"]))) == 20
+    # a local training file needs its own validation file
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(5))
+    with pytest.raises(ValueError, match="--val_conversations FILE"):
+        validation_mixture(parse_midtrain_args(["--conversations", data]))
 
 
 def test_cpu_recipe_runs_on_the_tiers_own_mixture(tiny_checkpoint, tmp_path):

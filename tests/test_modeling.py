@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
 from nanochat_hf.convert import builtin_config
 
+from . import nanochat_constants as nc
 from .conftest import CACHE_KW, tiny_config
 from .nanochat_reference import nanochat_forward, reference_config, to_nanochat_state_dict
 
@@ -81,8 +82,11 @@ def test_matches_nanochat_equations(tiny_model_factory, generation):
     model = tiny_model_factory(generation, seed=4)
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(4))
     sd = to_nanochat_state_dict(model.state_dict())
+    # nanochat's own constants, not the config's: a wrong preset must not become the oracle's value too
+    cfg = {**reference_config(model.config), "softcap": nc.SOFTCAP, "qk_scale": nc.QK_SCALE[generation],
+           "rope_base": nc.ROPE_BASE[generation]}
     with torch.no_grad():
-        expected = nanochat_forward(sd, reference_config(model.config), ids)
+        expected = nanochat_forward(sd, cfg, ids)
         got = model(ids).logits
     assert (got - expected).abs().max().item() <= ATOL
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers import TrainingArguments
 
 from nanochat_hf import optim
 from nanochat_hf.optim import (
@@ -25,11 +26,13 @@ from nanochat_hf.optim import (
     lr_multiplier,
     muon_momentum,
     nanochat_param_groups,
+    orthogonalization_dtype,
     orthogonalize,
     weight_decay_multiplier,
 )
 from nanochat_hf.pretrain import keep_local_gloo_on_loopback
 
+from . import nanochat_constants as nc
 from .conftest import tiny_config
 
 
@@ -52,6 +55,7 @@ def test_classic_configuration_equals_torch_muon(shape):
         [dict(kind="muon", params=ours_params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, beta2=None,
               weight_decay=0.1)],
         orthogonalizer="newton_schulz", row_equilibration=False, renormalize=False, cautious_weight_decay=False,
+        ortho_dtype=torch.bfloat16,  # torch.optim.Muon's
     )
     ref = torch.optim.Muon(ref_params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1,
                            adjust_lr_fn="original")
@@ -65,7 +69,8 @@ def test_classic_configuration_equals_torch_muon(shape):
 
 
 def _nanochat_muon_reference(params, grads_per_step, lr, wd, momentum=0.95, beta2=0.9):
-    """nanochat's Muon step (nanochat-spec §2.2, steps 1-8) restated on one stack, fp32 throughout."""
+    """nanochat's Muon step (nanochat-spec §2.2, steps 1-8) restated on one stack, fp32 throughout (nanochat's
+    COMPUTE_DTYPE on CPU and on GPUs without bf16), with nanochat's literal Polar Express coefficients."""
     p = torch.stack([q.detach().clone() for q in params])
     rows, cols = p.shape[-2:]
     buf = torch.zeros_like(p)
@@ -78,7 +83,7 @@ def _nanochat_muon_reference(params, grads_per_step, lr, wd, momentum=0.95, beta
         g = g * ((g.norm(dim=(-2, -1), keepdim=True) / rows**0.5) / g.norm(dim=-1, keepdim=True))  # MuonEq
         x = g.mT if rows > cols else g
         x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
-        for a, b, c in optim.POLAR_EXPRESS_COEFFS:
+        for a, b, c in nc.POLAR_EXPRESS:
             A = x @ x.mT
             x = a * x + (b * A + c * A @ A) @ x
         u = x.mT if rows > cols else x
@@ -109,6 +114,120 @@ def test_default_configuration_equals_nanochat_muon(shape):
     assert (torch.stack([q.detach() for q in params]) - expected).abs().max().item() <= 1e-5
 
 
+# wide and tall Muon groups and an AdamW group: _compiled_case's shapes (compiled graphs are shared)
+FP32_CASE = (((24, 64), 3, 0.02), ((64, 24), 2, 0.03))
+
+
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_fp32_runs_orthogonalise_in_fp32_as_nanochat(compile_step):
+    """nanochat orthogonalises in its COMPUTE_DTYPE: fp32 on CPU and on GPUs without bf16. A run without bf16 (mixed
+    precision "no") gets fp32, and so does an optimizer on CPU given no dtype: a step is then nanochat's fp32 step
+    (measured 6e-8 off after 3 steps). The bf16 a bf16 run gets moves the same steps by ~1e-3."""
+    gen = torch.Generator().manual_seed(8)
+    params = {shape: _matrices(7, [shape] * count) for shape, count, _ in FP32_CASE}
+    grads = {shape: [[torch.randn(shape, generator=gen) for _ in range(count)] for _ in range(3)]
+             for shape, count, _ in FP32_CASE}
+    expected = {shape: _nanochat_muon_reference(params[shape], grads[shape], lr=lr, wd=0.2)
+                for shape, _, lr in FP32_CASE}
+
+    def distance(ortho_dtype) -> float:
+        ours = {shape: [torch.nn.Parameter(p.detach().clone()) for p in ps] for shape, ps in params.items()}
+        groups = [dict(kind="muon", params=ours[shape], lr=lr, weight_decay=0.2) for shape, _, lr in FP32_CASE]
+        opt = MuonAdamW(groups, ortho_dtype=ortho_dtype, compile_step=compile_step)
+        for step in range(3):
+            for shape, ps in ours.items():
+                for p, g in zip(ps, grads[shape][step], strict=True):
+                    p.grad = g.clone()
+            opt.step()
+        return max((torch.stack([p.detach() for p in ps]) - expected[shape]).abs().max().item()
+                   for shape, ps in ours.items())
+
+    assert distance(orthogonalization_dtype("no")) <= 1e-6
+    assert distance(None) <= 1e-6
+    assert distance(orthogonalization_dtype("bf16")) > 1e-4
+
+
+NANOCHAT_CHECKOUT = Path(os.environ.get("NANOCHAT_CHECKOUT", Path(__file__).resolve().parents[2] / "nanochat"))
+# Steps nanochat's own MuonAdamW (argv: case file, result file) on the case's parameters and gradients.
+NANOCHAT_STEPS = """
+import sys, torch
+from nanochat.common import COMPUTE_DTYPE
+from nanochat.optim import MuonAdamW
+assert COMPUTE_DTYPE == torch.float32, COMPUTE_DTYPE
+case = torch.load(sys.argv[1])
+params = [torch.nn.Parameter(p.clone()) for p in case["params"]]
+groups = [dict(g, params=[params[i] for i in g["params"]]) for g in case["groups"]]
+opt = MuonAdamW(groups)
+for grads in case["grads"]:
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+torch.save([p.detach() for p in params], sys.argv[2])
+"""
+
+
+def test_steps_like_nanochats_own_optimizer(tmp_path):
+    """nanochat's MuonAdamW itself, from a checkout (NANOCHAT_CHECKOUT, default ../nanochat), run by this interpreter
+    as on CPU (COMPUTE_DTYPE fp32; eager: TORCHDYNAMO_DISABLE, the same maths as its compiled kernels) against ours
+    as an fp32 run builds it: Muon groups wide, tall and square, AdamW groups, 3 steps. The tests above re-state
+    nanochat's step; this one needs no re-statement, and is skipped without a checkout."""
+    if not (NANOCHAT_CHECKOUT / "nanochat" / "optim.py").is_file():
+        pytest.skip(f"no nanochat checkout at {NANOCHAT_CHECKOUT}: set NANOCHAT_CHECKOUT to one (karpathy/nanochat)")
+    shapes = [(24, 64)] * 3 + [(64, 24)] * 2 + [(40, 40)] * 2 + [(10, 7), (5,)]
+    muon = dict(kind="muon", momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.2)
+    groups = [dict(muon, params=[0, 1, 2], lr=0.02), dict(muon, params=[3, 4], lr=0.03),
+              dict(muon, params=[5, 6], lr=0.01),
+              dict(kind="adamw", params=[7, 8], lr=3e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.05)]
+    params = _matrices(11, shapes)
+    gen = torch.Generator().manual_seed(12)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    torch.save({"params": [p.detach() for p in params], "groups": groups, "grads": grads}, tmp_path / "case.pt")
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_DTYPE"}
+    env.update(PYTHONPATH=str(NANOCHAT_CHECKOUT), TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", NANOCHAT_STEPS, str(tmp_path / "case.pt"), str(tmp_path / "out.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    theirs = torch.load(tmp_path / "out.pt")
+
+    opt = MuonAdamW([dict(g, params=[params[i] for i in g["params"]]) for g in groups],
+                    ortho_dtype=orthogonalization_dtype("no"))
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    for p, q, start in zip(params, theirs, torch.load(tmp_path / "case.pt")["params"], strict=True):
+        assert (p.detach() - q).abs().max().item() <= 1e-6, tuple(p.shape)
+        assert (q - start).abs().max().item() > 1e-3  # it moved
+
+
+@pytest.mark.parametrize("bf16, accelerate, expected", [
+    (False, None, torch.float32), (True, None, torch.bfloat16), (False, "bf16", torch.bfloat16),
+    (False, "no", torch.float32), (False, "fp16", torch.float32)])
+def test_the_runs_mixed_precision_picks_the_orthogonalisation_dtype(tmp_path, monkeypatch, bf16, accelerate,
+                                                                    expected):
+    """The stages pass `orthogonalization_dtype(training_args.mixed_precision)`: bf16 from --bf16 or from the
+    accelerate config (ACCELERATE_MIXED_PRECISION), fp32 otherwise (fp16 too: nanochat keeps fp16 runs' iteration
+    in fp32, fp16's range is too narrow for it)."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if accelerate is not None:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", accelerate)
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=bf16, use_cpu=True, report_to="none")
+    assert orthogonalization_dtype(args.mixed_precision) == expected
+    with pytest.raises(ValueError, match="mixed precision 'fp8x'"):
+        orthogonalization_dtype("fp8x")
+
+
+def test_the_stages_factories_hand_the_dtype_to_muon():
+    from nanochat_hf import NanoChatForCausalLM
+    from nanochat_hf.pretrain import NanoChatOptimizerFactory
+    from nanochat_hf.trl_support import FinetuneOptimizerFactory
+
+    model = NanoChatForCausalLM(tiny_config("2026"))
+    for factory in (NanoChatOptimizerFactory(), FinetuneOptimizerFactory()):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert factory(model, ortho_dtype=dtype, weight_decay=0.1).ortho_dtype is dtype
+
+
 def test_adamw_groups_equal_torch_adamw():
     ours_params = _matrices(1, [(10, 7), (5,)])
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
@@ -132,19 +251,23 @@ def test_polar_express_orthogonalizes():
     assert torch.allclose(tall, u.mT, atol=1e-5)
 
 
-def test_cautious_weight_decay_only_where_signs_agree():
-    (p,) = _matrices(3, [(16, 16)])
-    start = p.detach().clone()
-    opt = MuonAdamW([dict(kind="muon", params=[p], lr=0.0, weight_decay=0.5, beta2=None)])
-    _set_grads([p], 4)
-    opt.step()
-    assert torch.equal(p.detach(), start)  # lr 0: nothing moves, decay included
-    # with a real lr the decay term only shrinks weights whose update has the same sign
-    opt.param_groups[0]["lr"] = 0.01
-    _set_grads([p], 5)
-    before = p.detach().clone()
-    opt.step()
-    assert not torch.equal(p.detach(), before)
+def test_cautious_weight_decay_only_where_update_and_weight_share_a_sign():
+    """nanochat: `mask = g * p >= 0; p -= lr * g + lr * wd * p * mask` with g the update (subtracted), p the weight
+    before the step and lr the shape-adjusted LR. Two optimizers, with and without decay, take the same update."""
+    shape, lr, wd = (48, 16), 0.01, 0.5  # tall: the decay is scaled by the adjusted LR, lr * sqrt(48 / 16)
+    # fp64, so that rounding stays far below the smallest decay term
+    plain, decayed = ([torch.nn.Parameter(p.detach().double()) for p in _matrices(3, [shape])] for _ in range(2))
+    start = plain[0].detach().clone()
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for params, decay in ((plain, 0.0), (decayed, wd)):
+        params[0].grad = grad.clone()
+        MuonAdamW([dict(kind="muon", params=params, lr=lr, weight_decay=decay)]).step()
+    update = start - plain[0].detach()  # lr * g
+    decay_applied = plain[0].detach() - decayed[0].detach()  # lr * wd * p * mask
+    same_sign = update * start >= 0
+    assert 0.2 < same_sign.float().mean() < 0.8  # both kinds of entries are well represented
+    expected = lr * math.sqrt(48 / 16) * wd * start * same_sign
+    assert (decay_applied - expected).abs().max().item() <= 1e-15
 
 
 def test_nanochat_groups_cover_every_parameter_with_scaled_lrs():
@@ -167,8 +290,8 @@ def test_nanochat_groups_cover_every_parameter_with_scaled_lrs():
     MuonAdamW(groups)  # constructs
 
 
-def _train(model, groups_kwargs: dict, steps: int, seed: int = 0):
-    opt = MuonAdamW(nanochat_param_groups(model, **groups_kwargs))
+def _train(model, groups_kwargs: dict, steps: int, seed: int = 0, **optimizer_kwargs):
+    opt = MuonAdamW(nanochat_param_groups(model, **groups_kwargs), **optimizer_kwargs)
     sched = NanoChatSchedule(opt, total_steps=steps, warmup_steps=2)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -210,12 +333,14 @@ def test_state_dict_round_trip_resumes_exactly(tiny_model_factory):
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_cpu_chunks_step_exactly_like_whole_stacks(tiny_model_factory, monkeypatch, param_dtype):
-    """On CPU a Muon group is updated a few matrices at a time; the result must not depend on the chunk size."""
+    """On CPU a Muon group is updated a few matrices at a time; the result must not depend on the chunk size.
+    Bit for bit where the iteration rounds to bf16. (In fp32, batched and 2-D matmuls with a scale round apart by
+    an ulp, which AdamW's 1/sqrt(v) then magnifies; the fp32 tests compare both paths with nanochat's step.)"""
     results = []
     for per_update in (1000, 1):  # the whole stack at once, then one matrix at a time
         monkeypatch.setattr(optim, "CPU_MATRICES_PER_UPDATE", per_update)
         model = tiny_model_factory("2026", seed=3).to(param_dtype).train()
-        opt, _ = _train(model, {}, steps=3)
+        opt, _ = _train(model, {}, steps=3, ortho_dtype=torch.bfloat16)
         results.append((model.state_dict(), opt.state_dict()["state"]))
     (params_a, state_a), (params_b, state_b) = results
     for name, a in params_a.items():
@@ -274,20 +399,44 @@ def test_schedules():
     assert weight_decay_multiplier(0, total) == 1.0 and weight_decay_multiplier(total, total) < 1e-12
 
 
+# nanochat's get_muon_momentum (base_train.py, warmdown_ratio 0.65), worked out by hand: below step 400 the warmup
+# (1 - s/400) * 0.85 + s/400 * 0.97 wins, even inside the warmdown; from 400 it is 0.97, and in the warmdown (from
+# num_iterations - round(0.65 * num_iterations)) 0.97 -> 0.90.
+NANOCHAT_MUON_MOMENTUM = {  # (num_iterations, step): momentum
+    (100, 0): 0.85, (100, 35): 0.8605, (100, 50): 0.865, (100, 99): 0.8797, (100, 100): 0.88,
+    (300, 105): 0.8815, (300, 250): 0.925, (300, 299): 0.9397,
+    (399, 200): 0.91, (399, 398): 0.9694, (399, 399): 0.9697,
+    (400, 140): 0.892, (400, 399): 0.9697, (400, 400): 0.90,
+    (1000, 349): 0.9547, (1000, 399): 0.9697, (1000, 400): 0.97 - 0.07 * 50 / 650,
+    (1000, 500): 0.97 - 0.07 * 150 / 650, (1000, 999): 0.97 - 0.07 * 649 / 650, (1000, 1000): 0.90,
+}
+
+
+def test_muon_momentum_is_nanochats_on_short_and_long_runs():
+    for (total, step), expected in NANOCHAT_MUON_MOMENTUM.items():
+        assert math.isclose(muon_momentum(step, total), expected, abs_tol=1e-12), (total, step)
+    (p,) = _matrices(0, [(4, 4)])
+    opt = MuonAdamW([dict(kind="muon", params=[p], lr=0.02)])
+    schedule = NanoChatSchedule(opt, total_steps=300)
+    for _ in range(250):
+        schedule.step()
+    assert math.isclose(opt.param_groups[0]["momentum"], 0.925, abs_tol=1e-12)  # the schedule uses it
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the compiled path (torch.compile, forced on CPU here; the default on CUDA)
 
 CONFIGURATIONS = {
-    "default": ({}, 0.9),
+    "default": ({}, 0.9),  # orthogonalises in fp32 (CPU)
     "classic": (dict(orthogonalizer="newton_schulz", row_equilibration=False, renormalize=False,
-                     cautious_weight_decay=False), None),
+                     cautious_weight_decay=False, ortho_dtype=torch.bfloat16), None),
 }
 # Muon groups of two shapes (wide, tall) and an AdamW group (a matrix and a vector)
 COMPILED_CASE_SHAPES = [(24, 64)] * 3 + [(64, 24)] * 2 + [(10, 7), (5,)]
-# Both paths orthogonalise in bf16, from an input that comes out bit for bit the same (the compiled graph rounds
+# In bf16 (classic) both paths orthogonalise an input that comes out bit for bit the same (the compiled graph rounds
 # and fuses multiply-adds where eager does; see optim._compiled): what remains is fp32 rounding in the fused update
-# and reductions, measured at <= 9e-8 after 3 steps (default and classic, 4 seeds). One flipped bf16 input would
-# move a parameter by ~1e-4 and a mistake in the maths by more, both far above the tolerance.
+# and reductions, measured at <= 9e-8 after 3 steps (4 seeds). One flipped bf16 input would move a parameter by
+# ~1e-4 and a mistake in the maths by more, both far above the tolerance. In fp32 (default) only rounding differs.
 COMPILED_TOLERANCE = 1e-6
 
 

@@ -129,7 +129,7 @@ def test_pretrain_writes_atomic_checkpoints_and_a_final_model(workdir, tmp_path)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-12"]
     assert not (out / ".staging").exists()
     checkpoint = out / "checkpoint-12"
-    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "data_state_rank0.pt",
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "data_state_rank0.json",
                  "trainer_state.json", "config.json"):
         assert (checkpoint / name).exists(), name
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -247,7 +247,7 @@ def test_accelerate_launch_runs_real_steps(workdir, tmp_path, config):
     assert (out / "final" / "model.safetensors").exists()
     assert len(losses(out)) == 4
     if config == "cpu_2proc":
-        assert (out / "checkpoint-4" / "data_state_rank1.pt").exists()
+        assert (out / "checkpoint-4" / "data_state_rank1.json").exists()
         assert "gradient_accumulation_steps\": 1" in result.stdout  # 1024 tokens = 2 ranks x 4 rows x 128
 
 

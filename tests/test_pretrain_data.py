@@ -2,7 +2,12 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
@@ -80,22 +85,23 @@ def all_documents(stream: PackedBatches) -> list[tuple[int, ...]]:
 # Best-fit packing
 
 
-def reference_rows(chunks: list[list[list[int]]], buffer_size: int, capacity: int) -> list[list[int]]:
-    """nanochat's bos_bestfit, restated: top the buffer up to buffer_size, then take the longest document that fits
-    (earliest among equals); if none fits, the shortest (earliest among equals), cut to the room left."""
-    pending, buffer, rows = list(chunks), [], []
+def reference_rows(chunks: Iterable[list[list[int]]], buffer_size: int, capacity: int) -> Iterator[list[int]]:
+    """nanochat's bos_bestfit, restated: before each pick, top the buffer up one chunk at a time until it holds
+    buffer_size documents; then take the longest document that fits (earliest among equals), or if none fits the
+    shortest (earliest among equals), cut to the room left. Ends when the chunks run out before a row is full."""
+    pending, buffer = iter(chunks), []
     while True:
         row = []
         while len(row) < capacity:
-            while len(buffer) < buffer_size and pending:
-                buffer += pending.pop(0)
+            while len(buffer) < buffer_size and (chunk := next(pending, None)) is not None:
+                buffer += chunk
             if not buffer:
-                return rows
+                return
             room = capacity - len(row)
             fits = [(len(doc), -i) for i, doc in enumerate(buffer) if len(doc) <= room]
             pick = -max(fits)[1] if fits else min(range(len(buffer)), key=lambda i: (len(buffer[i]), i))
             row += buffer.pop(pick)[:room]
-        rows.append(row)
+        yield row
 
 
 def pack_all(chunks: list[list[list[int]]], buffer_size: int, capacity: int) -> list[list[int]]:
@@ -120,7 +126,7 @@ def test_best_fit_matches_restatement():
     chunks = [docs[i : i + 7] for i in range(0, len(docs), 7)]
     for buffer_size, capacity in [(1, 17), (10, 33), (25, 64), (1000, 65)]:
         rows = pack_all(chunks, buffer_size, capacity)
-        assert rows == reference_rows(chunks, buffer_size, capacity)
+        assert rows == list(reference_rows(chunks, buffer_size, capacity))
         assert rows and all(len(row) == capacity and row[0] == bos for row in rows)
 
 
@@ -274,11 +280,13 @@ def test_fewer_shards_than_workers(tmp_path, tokenizer, texts):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_is_bit_exact(tmp_path, tokenizer, texts, num_workers):
-    # Uneven files (the last is validation), so with 2 workers one finishes its share well before the other.
+    # Row groups of 5 and 1 documents in turn (the last file is validation). Parquet row groups are dealt to the
+    # workers in turn, so with 2 workers one reads the 5s (each as chunks of 3 and 2) and the other the 1s, and
+    # finishes its share well before the first.
     start = 0
-    for i, size in enumerate([3, 11, 7, 14, 5]):
-        write_parquet(tmp_path / "corpus" / f"shard_{i:05d}.parquet", texts[start : start + size], row_group_size=4)
-        start += size
+    for i, sizes in enumerate([[5, 1, 5], [1, 5, 1], [5, 1, 6, 1], [5]]):
+        write_row_groups(tmp_path / "corpus" / f"shard_{i:05d}.parquet", texts[start : start + sum(sizes)], sizes)
+        start += sum(sizes)
 
     def stream():
         return PretrainStream(
@@ -290,7 +298,7 @@ def test_resume_is_bit_exact(tmp_path, tokenizer, texts, num_workers):
     expected = take(straight, total)
     assert straight.feed.epoch >= 2
     saved_positions = set()
-    for k, via in [(7, "json"), (12, "torch"), (33, "json")]:  # mid-round-robin, a worker done, a later epoch
+    for k, via in [(3, "json"), (12, "torch"), (34, "json")]:  # inside a row group, a worker done, a later epoch
         first = stream()
         assert all(
             torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(take(first, k), expected[:k], strict=True)
@@ -318,6 +326,168 @@ def test_resume_needs_the_same_layout(tmp_path, tokenizer, texts):
     other = PretrainStream(tmp_path / "corpus", tokenizer, 2, 24, num_workers=2)
     with pytest.raises(ValueError, match="num_workers"):
         other.load_state_dict(stream.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch for batch with nanochat's loader (nanochat/dataloader.py)
+
+# Row groups per file, none a multiple of 128; the last file is validation. nanochat cuts every row group into
+# chunks of 128 documents from its start: 300 -> 128, 128, 44; 77 -> 77; 129 -> 128, 1; and so on.
+NANOCHAT_ROW_GROUPS = [[300, 77, 129, 150], [129, 64, 200], [77, 131]]
+
+
+def write_row_groups(path: Path, texts: list[str], sizes: list[int]) -> None:
+    """One parquet file whose row groups hold exactly `sizes` documents, in order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, pa.schema([("text", pa.string())])) as writer:
+        start = 0
+        for size in sizes:
+            group = pa.table({"text": pa.array(texts[start : start + size], type=pa.string())})
+            writer.write_table(group, row_group_size=size)
+            start += size
+    metadata = pq.ParquetFile(path).metadata
+    assert [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)] == sizes
+
+
+@pytest.fixture(scope="module")
+def nanochat_shards(tmp_path_factory) -> Path:
+    """nanochat's layout, base_data_climbmix/shard_NNNNN.parquet, with the row groups of NANOCHAT_ROW_GROUPS
+    holding documents of 10 to 300 characters (a row of 65 tokens takes from one to several)."""
+    corpus = list(embedded_corpus())
+    folder = tmp_path_factory.mktemp("nanochat_base") / "base_data_climbmix"
+    i = 0
+    for n, sizes in enumerate(NANOCHAT_ROW_GROUPS):
+        texts = []
+        for _ in range(sum(sizes)):
+            start = (i * 37) % 200
+            texts.append(corpus[i % len(corpus)][start : start + 10 + (i * 53) % 290])
+            i += 1
+        write_row_groups(folder / f"shard_{n:05d}.parquet", texts, sizes)
+    return folder
+
+
+def nanochat_rows(folder: Path, tokenizer, capacity: int, buffer_size: int, rank: int = 0, world_size: int = 1):
+    """The rows nanochat's loader packs, its rule restated: the train files (all but the last, sorted), over and
+    over; in each, this rank's row groups (rank, rank + world_size, ...), each read whole and cut into chunks of 128
+    documents from its start, so a chunk never spans two row groups and the last chunk of each is shorter; every
+    chunk tokenized with BOS prepended; the best-fit buffer topped up one chunk at a time (reference_rows)."""
+    files = sorted(folder.glob("*.parquet"))[:-1]
+
+    def chunks() -> Iterator[list[list[int]]]:
+        while True:
+            for path in files:
+                parquet = pq.ParquetFile(path)
+                for group in range(rank, parquet.num_row_groups, world_size):
+                    texts = parquet.read_row_group(group).column("text").to_pylist()
+                    for start in range(0, len(texts), 128):
+                        yield [list(doc) for doc in encode_docs(tokenizer, texts[start : start + 128])]
+
+    return reference_rows(chunks(), buffer_size, capacity)
+
+
+def batch_rows(batches: list[dict]) -> list[list[list[int]]]:
+    """Each batch as its rows of T+1 tokens."""
+    return [torch.cat([b["input_ids"], b["labels"][:, -1:]], dim=1).tolist() for b in batches]
+
+
+def first_difference(ours: list, theirs: list) -> int | None:
+    """The first batch index where the two differ (a length mismatch counts), None if they are equal."""
+    if ours == theirs:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+
+
+def expected_batches(rows: Iterator[list[int]], batch_size: int, steps: int) -> list[list[list[int]]]:
+    return [list(islice(rows, batch_size)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("buffer_size, rank, world_size", [(1000, 0, 1), (60, 0, 1), (60, 1, 2)])
+def test_batches_follow_nanochats_loader(nanochat_shards, tokenizer, buffer_size, rank, world_size):
+    # 1000 is nanochat's buffer; with 60 a chunk is taken every few batches, so every chunk boundary shows. Enough
+    # steps to read every train row group, cross the shard boundary and start the second pass.
+    batch_size, seq_len, steps = 4, 64, 180
+    stream = PretrainStream(
+        nanochat_shards, tokenizer, batch_size, seq_len, buffer_size=buffer_size, rank=rank, world_size=world_size
+    )
+    ours = batch_rows(take(stream, steps))
+    assert stream.feed.epoch >= 1
+    rows = nanochat_rows(nanochat_shards, tokenizer, seq_len + 1, buffer_size, rank, world_size)
+    differs = first_difference(ours, expected_batches(rows, batch_size, steps))
+    assert differs is None, f"batch {differs} of {steps} differs from nanochat's"
+
+
+def test_resume_inside_a_row_group_keeps_nanochats_batches(nanochat_shards, tokenizer):
+    # Saved every 4 batches: with a buffer of 60 a chunk of 128 lasts several batches, so most saves fall between
+    # two chunks of one row group, some at the end of one, and one in the second pass.
+    batch_size, seq_len, total = 4, 64, 100
+    expected = expected_batches(nanochat_rows(nanochat_shards, tokenizer, seq_len + 1, 60), batch_size, total)
+
+    def stream():
+        return PretrainStream(nanochat_shards, tokenizer, batch_size, seq_len, buffer_size=60)
+
+    first = stream()
+    iterator = iter(first)
+    for k in range(1, total):
+        next(iterator)
+        if k % 4:
+            continue
+        resumed = stream()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        differs = first_difference(batch_rows(take(resumed, min(8, total - k))), expected[k : k + 8])
+        assert differs is None, f"resumed after batch {k}: batch {k + differs} differs from nanochat's"
+    iterator.close()
+
+
+# nanochat's own loader at HEAD on the same shards and tokenizer (converted to its tokenizer.pkl), run by its python.
+NANOCHAT_LOADER = """
+import json, sys, torch
+from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
+from nanochat.tokenizer import get_tokenizer
+batch_size, seq_len, steps, buffer_size = json.loads(sys.argv[1])
+loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+    get_tokenizer(), batch_size, seq_len, "train", device="cpu", buffer_size=buffer_size)
+batches = []
+for _ in range(steps):
+    inputs, targets, _ = next(loader)
+    batches.append(torch.cat([inputs, targets[:, -1:]], dim=1).tolist())
+print(json.dumps(batches))
+"""
+
+
+def test_batches_equal_nanochats_own_loader(nanochat_shards, tokenizer, tmp_path):
+    checkout = os.environ.get("NANOCHAT_CHECKOUT")
+    if not checkout or not (Path(checkout) / "nanochat" / "dataloader.py").is_file():
+        pytest.skip(
+            "nanochat's own loader needs a checkout: set NANOCHAT_CHECKOUT to nanochat's root and NANOCHAT_PYTHON to "
+            "a python that runs it (torch, pyarrow, rustbpe, tiktoken); the restated rule is tested without it"
+        )
+    pytest.importorskip("tiktoken")
+    from nanochat_hf.convert import hf_to_tiktoken, write_tiktoken_pickle
+
+    base = nanochat_shards.parent  # NANOCHAT_BASE_DIR: base_data_climbmix/ and tokenizer/
+    (base / "tokenizer").mkdir(exist_ok=True)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    write_tiktoken_pickle(hf_to_tiktoken(tokenizer, tmp_path / "tokenizer"), base / "tokenizer" / "tokenizer.pkl")
+    batch_size, seq_len, steps = 4, 64, 180
+    for buffer_size, rank, world_size in [(1000, 0, 1), (60, 0, 1), (60, 1, 2)]:
+        env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # nanochat reads its rank from torchrun's variables
+            env.pop(name, None)
+        if world_size > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+        proc = subprocess.run(
+            [os.environ.get("NANOCHAT_PYTHON", sys.executable), "-c", NANOCHAT_LOADER,
+             json.dumps([batch_size, seq_len, steps, buffer_size])],
+            cwd=checkout, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+        stream = PretrainStream(
+            nanochat_shards, tokenizer, batch_size, seq_len, buffer_size=buffer_size, rank=rank, world_size=world_size
+        )
+        differs = first_difference(batch_rows(take(stream, steps)), theirs)
+        where = f"buffer {buffer_size}, rank {rank} of {world_size}"
+        assert differs is None, f"{where}: batch {differs} of {steps} differs from nanochat's own loader"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,6 +551,14 @@ def test_null_text_names_the_row(tmp_path, tokenizer, texts):
     write_parquet(tmp_path / "p" / "c.parquet", texts[30:40])
     message = first_batch_error(tmp_path / "p", tokenizer)
     assert "b.parquet: row 5: column 'text' is null" in message
+
+
+def test_rank_without_a_row_group(tmp_path, tokenizer, texts):
+    # Ranks share parquet files by row group, as in nanochat; the train file here has a single one.
+    write_parquet(tmp_path / "p" / "a.parquet", texts[:8], row_group_size=8)
+    write_parquet(tmp_path / "p" / "b.parquet", texts[8:16], row_group_size=8)
+    with pytest.raises(PretrainDataError, match=r"rank 1 of 2 gets no row group .*; use fewer ranks"):
+        PretrainStream(tmp_path / "p", tokenizer, 2, 16, rank=1, world_size=2)
 
 
 def test_non_string_text_names_the_row(tmp_path):

@@ -15,9 +15,10 @@ from tests.core_fixtures import write_bundle
 
 LABELS = ["copa", "winograd", "lambada_openai"]
 # Stand-ins for the Hub chat evaluators (which need the Hub datasets): each returns what the real runner returns.
-# HumanEval and SpellingBee are left out on purpose, so their rows must show "—".
-CHAT_ACCURACY = {"ARC-Easy": 0.5, "ARC-Challenge": 0.375, "MMLU": 0.3125, "GSM8K": 0.125}
-CHAT_BASELINE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0}
+# Centered (baselines 0.25 for ARC/MMLU, 0 for GSM8K/HumanEval): 1/3, 0.2, 1/15, 0.1, 0.05, so ChatCORE = 0.15 and
+# ChatCORE_cat = 0.2; SpellingBee is reported beside them and counts in neither.
+CHAT_ACCURACY = {"ARC-Easy": 0.5, "ARC-Challenge": 0.4, "MMLU": 0.3, "GSM8K": 0.1, "HumanEval": 0.05,
+                 "SpellingBee": 0.9}
 GSM8K_FORMAT = {"replies": 8, "ends_turn_rate": 0.875, "calculator_rate": 0.625}
 PRETRAIN_LOSSES = [6.2, 5.9, 5.1, 4.6, 4.4, 4.1, 3.9, 3.8]
 SFT_LOSSES = [2.9, 2.5, 2.2, 2.0]
@@ -58,10 +59,10 @@ def run(tmp_path_factory, tiny_checkpoint):
     _jsonl(text / "train.jsonl", docs[:10])
     _jsonl(text / "val.jsonl", docs[10:])
     base = evaluate.evaluate_checkpoint(str(run_dir / "base"), "base", bundle=str(bundle), max_per_task=3,
-                                        batch_size=2, bpb_data=str(text), bpb_tokens=256)
+                                        batch_size=2, bpb_data=str(text), bpb_tokens=512)
     mid = evaluate.evaluate_checkpoint(str(run_dir / "mid"), "mid", tier="cpu", max_per_task=2, max_tokens=6)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "CHAT_EVALS", {n: (_fixed(n), CHAT_BASELINE[n]) for n in CHAT_ACCURACY})
+        mp.setattr(evaluate, "CHAT_EVALS", {n: _fixed(n) for n in CHAT_ACCURACY})
         sft = evaluate.evaluate_checkpoint(str(run_dir / "sft"), "sft", max_per_task=8)
     _jsonl(run_dir / "train" / "pretrain" / "losses.jsonl",
            [{"step": i + 1, "loss": v} for i, v in enumerate(PRETRAIN_LOSSES)])
@@ -84,28 +85,38 @@ def test_summary_table_holds_each_stage_metrics_and_dashes_for_the_rest(run):
     assert run["path"] == run["dir"] / "report.md"
     assert "| Metric | BASE | MID | SFT | RL |" in text
     assert _row(text, "CORE") == [f"{base['core']['core_metric']:.4f}", "—", "—", "—"]
-    for name, acc in CHAT_ACCURACY.items():
-        assert _row(text, name) == ["—", "—", f"{acc:.4f}", "—"], name
-    assert _row(text, "HumanEval") == ["—"] * 4
-    # The CPU tier's tasks get rows of their own; SpellingBee is one of nanochat's rows.
-    for name, result in mid["chat"]["tasks"].items():
-        assert _row(text, name)[:3] == ["—", f"{result['accuracy']:.4f}", "—"], name
+    for name in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"):
+        assert _row(text, name) == ["—", "—", f"{CHAT_ACCURACY[name]:.4f}", "—"], name
+    # The CPU tier's tasks get rows of their own (SpellingBee shares nanochat's row); it has no ChatCORE task.
     assert set(mid["chat"]["tasks"]) == {"Arithmetic", "SimpleSpelling", "SpellingBee"}
-    assert _row(text, "ChatCORE") == ["—", f"{mid['chat']['chatcore']:.4f}", f"{sft['chat']['chatcore']:.4f}", "—"]
-    assert sft["chat"]["chatcore"] == pytest.approx(evaluate.chatcore(CHAT_ACCURACY, CHAT_BASELINE))
+    for name in ("Arithmetic", "SimpleSpelling"):
+        assert _row(text, name) == ["—", f"{mid['chat']['tasks'][name]['accuracy']:.4f}", "—", "—"], name
+    spelling_bee = mid["chat"]["tasks"]["SpellingBee"]["accuracy"]
+    assert _row(text, "SpellingBee") == ["—", f"{spelling_bee:.4f}", "0.9000", "—"]
+    assert sft["chat"]["chatcore"] == pytest.approx(0.15) and sft["chat"]["chatcore_cat"] == pytest.approx(0.2)
+    assert _row(text, "ChatCORE") == ["—", "—", "0.1500", "—"]
+    assert _row(text, "ChatCORE_cat") == ["—", "—", "0.2000", "—"]
+    # nanochat's order: CORE, the five ChatCORE tasks, ChatCORE itself; then what is reported beside it.
+    labels = [line.split("|")[1].strip() for line in text.split("## Summary")[1].split("\n\n")[1].splitlines()[2:]]
+    assert labels[:11] == ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE",
+                           "ChatCORE_cat", "SpellingBee", "Arithmetic", "SimpleSpelling"]
+    assert ("ChatCORE: the mean of (accuracy - baseline) / (1 - baseline) over ARC-Easy 0.25, ARC-Challenge 0.25, "
+            "MMLU 0.25, GSM8K 0, HumanEval 0; ChatCORE_cat: the same over ARC-Easy, ARC-Challenge, MMLU only; "
+            "SpellingBee is reported beside them and counts in neither.") in text
     # The chat-format rates: the real engine's on the CPU tasks (a random model rarely ends its turn), the pooled
     # GSM8K ones for SFT.
     fmt = mid["chat"]["format"]
     assert _row(text, "Ends its turn") == ["—", f"{fmt['ends_turn_rate']:.4f}", "0.8750", "—"]
     assert _row(text, "Calls the calculator") == ["—", f"{fmt['calculator_rate']:.4f}", "0.6250", "—"]
     assert _row(text, "val bpb")[0] == f"{base['bpb']['val_bpb']:.4f}"
+    assert _row(text, "train bpb") == [f"{base['bpb']['train_bpb']:.4f}", "—", "—", "—"]
     for label in LABELS:  # CORE per task, as evaluate wrote it
         assert _row(text, label) == [f"{base['core']['results'][label]:.4f}",
                                      f"{base['core']['centered_results'][label]:.4f}"]
     arithmetic = mid["chat"]["tasks"]["Arithmetic"]
     assert (f"| mid | Arithmetic | 2 | {arithmetic['accuracy']:.4f} | {arithmetic['ends_turn_rate']:.4f} | "
             f"{arithmetic['calculator_rate']:.4f} |") in text
-    assert "| sft | MMLU | 8 | 0.3125 | — | — |" in text
+    assert "| sft | MMLU | 8 | 0.3000 | — | — |" in text
 
 
 def test_environment_tokenizer_and_model_sections(run, tiny_checkpoint):

@@ -13,6 +13,7 @@ from nanochat_hf.rl import (
     NanoChatGRPOTrainer,
     RLArguments,
     completion_text,
+    exclude_stop_token,
     grpo_config,
     gsm8k_accuracy,
     parse_rl_args,
@@ -20,7 +21,7 @@ from nanochat_hf.rl import (
     train,
 )
 from nanochat_hf.tokenizer import encode, load_tokenizer
-from nanochat_hf.trl_support import NANOCHAT_RESPONSE_TEMPLATE, python
+from nanochat_hf.trl_support import NANOCHAT_RESPONSE_TEMPLATE, finetune_optimizer_kwargs, python
 
 from .chat_fixtures import tool_conversation
 
@@ -69,11 +70,68 @@ def test_prompts_are_rendered_for_completion(tiny_checkpoint):
 
 def test_grpo_config_holds_nanochat_settings():
     args = grpo_config(parse_rl_args(["--config", str(ROOT / "recipes/d20/rl.yaml"), "--output_dir", "/tmp/x"]))
-    assert (args.num_generations, args.beta, args.scale_rewards, args.loss_type) == (16, 0.0, "none", "dapo")
+    assert (args.num_generations, args.beta, args.scale_rewards, args.loss_type) == (16, 0.0, "none", "bnpo")
     assert (args.temperature, args.top_k, args.max_completion_length, args.num_iterations) == (1.0, 50, 256, 1)
     assert args.generation_batch_size == 16 * 16 and args.max_grad_norm == 0.0
     with pytest.raises(ValueError, match="must be a multiple of"):
         grpo_config(RLArguments(output_dir="/tmp/x", examples_per_step=3, num_samples=3, device_batch_size=4))
+
+
+def test_stop_token_is_out_of_the_loss_mask():
+    # nanochat's engine drops the <|assistant_end|> that ends a sample (then pads with it, masked): it is never
+    # trained. TRL keeps the stop token in completion_mask; the python_end that pauses for a tool stays trained.
+    end, py_end, pad = 7, 5, 0
+    batch = {"completion_ids": torch.tensor([[3, 4, end, pad], [3, py_end, 4, 4], [3, 4, 4, end]]),
+             "completion_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]),
+             "tool_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]])}
+    out = exclude_stop_token(dict(batch), end)
+    assert (out["completion_mask"] * out["tool_mask"]).tolist() == [[1, 1, 0, 0], [1, 1, 0, 1], [1, 1, 1, 0]]
+    assert torch.equal(out["completion_mask"], batch["completion_mask"])  # attention unchanged
+    without_tools = exclude_stop_token({k: batch[k] for k in ("completion_ids", "completion_mask")}, end)
+    assert without_tools["tool_mask"].tolist() == [[1, 1, 0, 1], [1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+def test_policy_gradient_is_normalised_per_pass_as_nanochat(tiny_checkpoint, tmp_path):
+    # nanochat chat_rl.py: each pass (device_batch_size samples of one question) adds
+    #   -sum(logp * adv over its valid tokens) / (valid tokens of the pass * passes * examples per rank)
+    # to the gradient. Two passes with different token counts (TRL's "dapo" divides both by the step's total)
+    # and one step's gradient is compared with that formula written out here.
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    run = RLArguments(output_dir=str(tmp_path / "rl"), init_from=str(tiny_checkpoint), examples_per_step=1,
+                      num_samples=4, device_batch_size=2, max_new_tokens=4, use_tools=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True).float()
+    trainer = NanoChatGRPOTrainer(model=model, reward_funcs=gsm8k_accuracy, args=grpo_config(run),
+                                  train_dataset=prompts_for_completion(Dataset.from_list(gsm8k_rows(2))),
+                                  processing_class=tokenizer, optimizer_kwargs=finetune_optimizer_kwargs(run))
+    passes, examples_per_rank = 2, 1
+    trainer.current_gradient_accumulation_steps = passes * examples_per_rank  # as the training loop sets it
+    torch.manual_seed(0)
+    prompt = torch.randint(10, 200, (2, 3))
+    completions = torch.randint(10, 200, (4, 4))
+    masks = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]])  # 8 and 3 valid tokens
+    advantages = torch.tensor([0.75, -0.25, -0.5, 0.5])
+    trainer.model.train()
+    for p in range(passes):
+        rows = slice(2 * p, 2 * p + 2)
+        inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt),
+                  "completion_ids": completions[rows], "completion_mask": masks[rows],
+                  "advantages": advantages[rows], "num_items_in_batch": masks.sum()}
+        trainer._compute_loss(trainer.model, inputs).backward()
+    ours = {n: q.grad.clone() for n, q in trainer.model.named_parameters() if q.grad is not None}
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True).float().train()
+    for p in range(passes):
+        rows = slice(2 * p, 2 * p + 2)
+        ids = torch.cat([prompt, completions[rows]], dim=1)
+        logits = reference(input_ids=ids).logits[:, prompt.size(1) - 1 : -1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, completions[rows].unsqueeze(-1)).squeeze(-1)
+        valid = masks[rows]
+        objective = (logp * advantages[rows].unsqueeze(-1) * valid).sum()
+        (-objective / (valid.sum() * passes * examples_per_rank)).backward()
+    expected = {n: q.grad for n, q in reference.named_parameters() if q.grad is not None}
+    assert ours.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_response_template_parses_what_the_chat_template_renders(tiny_checkpoint):
@@ -96,7 +154,7 @@ def test_response_template_parses_what_the_chat_template_renders(tiny_checkpoint
 def test_rollouts_call_the_calculator_and_its_output_is_out_of_the_loss(tiny_checkpoint, tmp_path, monkeypatch):
     """Two real GRPO steps. The tiny random model is made to open every answer with the python block `6*7`:
     transformers' SequenceBiasLogitsProcessor (``sequence_bias``) adds +100 to each next token of the block after
-    <|assistant_start|>, and only there, so what follows the tool output is sampled freely."""
+    <|assistant_start|>; after the tool output one token is favoured, and <|assistant_end|> follows it."""
     tokenizer = load_tokenizer(str(tiny_checkpoint))
     sp = tokenizer.convert_tokens_to_ids
     call = [sp("<|python_start|>"), *encode(tokenizer, "6*7"), sp("<|python_end|>")]
@@ -105,6 +163,11 @@ def test_rollouts_call_the_calculator_and_its_output_is_out_of_the_loss(tiny_che
     for token in call:
         sequence_bias.append([context + [token], 100.0])
         context = context + [token]
+    # after the tool output, some samples pick `answer` (+9) and then stop with <|assistant_end|> (+100); the
+    # others go on freely (the samples differ, so the rewards and the update are not all zero)
+    answer = encode(tokenizer, "42")[0]
+    sequence_bias += [[[sp("<|output_end|>"), answer], 9.0],
+                      [[sp("<|output_end|>"), answer, sp("<|assistant_end|>")], 100.0]]
 
     batches, completions_seen = [], []
     generate_and_score = NanoChatGRPOTrainer._generate_and_score_completions
@@ -114,6 +177,14 @@ def test_rollouts_call_the_calculator_and_its_output_is_out_of_the_loss(tiny_che
         return batches[-1]
 
     monkeypatch.setattr(NanoChatGRPOTrainer, "_generate_and_score_completions", recording)
+    passes = []
+    compute_loss = NanoChatGRPOTrainer._compute_loss
+
+    def recording_passes(self, model, inputs):
+        passes.append(inputs)
+        return compute_loss(self, model, inputs)
+
+    monkeypatch.setattr(NanoChatGRPOTrainer, "_compute_loss", recording_passes)
 
     def short_answers(completions, **kwargs):
         # a second reward with spread, so the advantages (and the update) are not all zero for a random model
@@ -128,7 +199,14 @@ def test_rollouts_call_the_calculator_and_its_output_is_out_of_the_loss(tiny_che
 
     steps = [json.loads(line)["step"] for line in (out / "losses.jsonl").read_text().splitlines()]
     assert steps == [1, 2] and len(batches) == 2
+    # nanochat's passes: device_batch_size consecutive samples of one question, in the sampler's order (TRL shuffles)
+    assert len(passes) == 4
+    for i, micro in enumerate(passes):
+        rows = slice((i % 2) * 4, (i % 2 + 1) * 4)
+        assert torch.equal(micro["completion_ids"], batches[i // 2]["completion_ids"][rows])
+        assert (micro["prompt_ids"] == micro["prompt_ids"][0]).all()
     forced = call + output
+    stops = 0
     for batch in batches:
         loss_mask = batch["completion_mask"] * batch["tool_mask"]
         for ids, attend, trained in zip(batch["completion_ids"].tolist(), batch["completion_mask"].tolist(),
@@ -136,7 +214,14 @@ def test_rollouts_call_the_calculator_and_its_output_is_out_of_the_loss(tiny_che
             n = sum(attend)
             assert ids[: len(forced)] == forced and n > len(forced)  # the model went on after the tool output
             # nanochat's mask: the call is trained, the inserted output is not, the model's own tokens after it are
-            assert trained[:n] == [1] * len(call) + [0] * len(output) + [1] * (n - len(forced))
+            stopped = ids[len(forced)] == answer
+            stops += stopped
+            if stopped:
+                assert ids[len(forced) : n] == [answer, sp("<|assistant_end|>")]
+            # the model's own tokens after the output are trained, the stop token is not (nanochat never trains it)
+            own = [1, 0] if stopped else [1] * (n - len(forced))
+            assert trained[:n] == [1] * len(call) + [0] * len(output) + own
+    assert 0 < stops < 16
     for completion in completions_seen:  # TRL's messages: the parsed call, then our tool's result
         assert completion[0]["tool_calls"] == [{"type": "function",
                                                 "function": {"name": "python", "arguments": {"code": "6*7"}}}]

@@ -60,6 +60,7 @@ def test_speedrun_cpu_smoke_run_and_rerun(tmp_path):
 def test_a_failing_stage_stops_the_run_and_names_its_log(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "corpus").mkdir(parents=True)  # a corpus folder with nothing in it: pretraining has no data
+    (run_dir / "speedrun.json").write_text("{}")  # in an earlier run's folder (one holding anything else is refused)
     result = _cli("speedrun", "--tier", "cpu", "--run-dir", str(run_dir), "--max-steps", "2")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "logs/pretrain.log" in result.stderr and "no .parquet, .jsonl, .txt files found" in (run_dir / "logs" / "pretrain.log").read_text()

@@ -199,6 +199,48 @@ def test_humaneval(fixtures, tmp_path):
         assert subprocess.run([sys.executable, str(tmp_path / "prog.py")], timeout=30).returncode == 0
 
 
+# nanochat HEAD's tasks/humaneval.py rule (nanochat-spec.md §5.3): the first block opened by ``` or ```python, then
+# optional whitespace, a newline, and closed by a newline and ```; else the whole reply; stripped either way. Each
+# expected value below is what nanochat's own extract_program returned for the input (run from /work/nanochat).
+HUMANEVAL_EXTRACTION = [
+    ("```python\ndef f():\n    return 1\n```", "def f():\n    return 1"),
+    ("```\nx = 1\n```", "x = 1"),
+    ("Sure:\n```python\na = 1\n```\nor\n```python\nb = 2\n```\n", "a = 1"),  # the first of several blocks
+    ("  def f(): pass  \n", "def f(): pass"),  # no fence: the whole reply, stripped
+    ("```python\ndef f():\n    return 1", "```python\ndef f():\n    return 1"),  # unterminated: the whole reply
+    ("```py\nx = 1\n```", "```py\nx = 1\n```"),  # only "python" or nothing may follow the fence
+    ("```Python\nx = 1\n```", "```Python\nx = 1\n```"),  # case-sensitive
+    ("```python3\nx = 1\n```", "```python3\nx = 1\n```"),
+    ("```python\nx = 1```", "```python\nx = 1```"),  # the closing fence must start a line
+    ("```python   \n x = 1\n```", "x = 1"),  # spaces after the tag; the block is stripped
+    ("```python\n    return 1\n```", "return 1"),  # stripping takes the first line's indentation too
+    ("```python\r\nx = 1\r\n```", "x = 1"),
+    ("text ```python\nz = 3\n``` more", "z = 3"),  # the fences need not start a line
+    ("```\n```\n```python\nx = 1\n```", "```"),  # an empty block's closing fence ends the first match late
+    ("```py\nx = 1\n```\n```python\ny = 2\n```", "```python\ny = 2"),  # a closing fence can open the match
+]
+
+
+@pytest.mark.parametrize(("completion", "program"), HUMANEVAL_EXTRACTION)
+def test_humaneval_takes_the_first_code_block_as_nanochat(completion, program):
+    from nanochat_hf.tasks.humaneval import extract_program
+
+    assert extract_program(completion) == program
+
+
+def test_humaneval_program_is_nanochats():
+    from nanochat_hf.tasks.humaneval import humaneval_program, prompt_imports
+
+    prompt = "from typing import List\n# a comment\n\nimport os\n\ndef f(xs):\n    import sys\n"
+    assert prompt_imports(prompt) == "from typing import List\nimport os"  # up to the first other line
+    assert prompt_imports("x = 1\nimport os\n") == ""
+    assert prompt_imports("import a\u2028b\nimport c\n") == "import a\u2028b\nimport c"  # lines end at \n only
+    row = {"prompt": prompt, "test": "def check(c):\n    assert c([]) == 0\n", "entry_point": "f"}
+    assert humaneval_program(row, "Here:\n```python\ndef f(xs):\n    return 0\n```\nDone.") == (
+        "from typing import List\nimport os\n\ndef f(xs):\n    return 0\n\ndef check(c):\n    assert c([]) == 0\n"
+        "\ncheck(f)")
+
+
 def test_local_single_file_and_jsonl(tmp_path):
     rows = [{"question": "1+1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -32,9 +32,11 @@ from nanochat_hf.tokenizer import (
 )
 from nanochat_hf.tokenizer_cli import add_tokenizer_parser
 
+from . import nanochat_constants as nc
 from .nanochat_reference import render_conversation
 
-SPLIT_RE = regex.compile(SPLIT_PATTERN)
+# nanochat's literal pattern, not the package's: the oracles below (regex, rustbpe, tiktoken) must split as nanochat
+SPLIT_RE = regex.compile(nc.SPLIT_PATTERN)
 
 TRICKY_TEXTS = [
     "",
@@ -145,8 +147,12 @@ def rustbpe_tokens(docs: list[str], vocab_size: int, doc_cap: int | None = 10_00
     rustbpe = pytest.importorskip("rustbpe")
     bpe = rustbpe.Tokenizer()
     capped = [d[:doc_cap] if doc_cap else d for d in docs]
-    bpe.train_from_iterator(iter(capped), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    bpe.train_from_iterator(iter(capped), vocab_size - len(SPECIAL_TOKENS), pattern=nc.SPLIT_PATTERN)
     return [bytes(t) for t, _ in sorted(bpe.get_mergeable_ranks(), key=lambda item: item[1])]
+
+
+def test_split_pattern_is_nanochats():
+    assert SPLIT_PATTERN == nc.SPLIT_PATTERN
 
 
 def test_parity_with_rustbpe_on_ties():
@@ -175,7 +181,7 @@ def test_parity_with_rustbpe_and_tiktoken_on_varied_unicode():
     tiktoken = pytest.importorskip("tiktoken")
     ranks = {token: i for i, token in enumerate(expected)}
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-    enc = tiktoken.Encoding("nanochat", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    enc = tiktoken.Encoding("nanochat", pat_str=nc.SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     for doc in docs[:300] + TRICKY_TEXTS:
         assert encode(tokenizer, doc) == enc.encode_ordinary(doc), doc
 
@@ -324,7 +330,9 @@ def test_save_and_reload(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()
     spec = json.loads((tmp_path / "tokenizer.json").read_text())
-    assert spec["normalizer"] is None and spec["decoder"]["type"] == "ByteLevel"
+    # the only normalizer undoes the chat template's escape of message text (tests/test_chat_input.py)
+    assert spec["normalizer"] == {"type": "Replace", "pattern": {"String": "\ufdd0|"}, "content": "|"}
+    assert spec["decoder"]["type"] == "ByteLevel"
     assert not list(tmp_path.glob("*.py"))
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert load_tokenizer(str(tmp_path)).get_vocab() == tok.get_vocab()

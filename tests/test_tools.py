@@ -1,9 +1,14 @@
 """The calculator (a safe AST evaluator, never `eval`) and the Python sandbox, attacked: each attack must fail
 cleanly, with a result that says why, and leave no trace outside the sandbox."""
 
+import ast
 import builtins
+import json
 import os
+import random
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,58 +16,141 @@ import pytest
 from nanochat_hf.tools import ExecutionResult, calculate, run_python
 
 # ---------------------------------------------------------------------------------------------------------------
-# Calculator
+# Calculator: nanochat's `use_calculator` accepts an expression when, with every comma removed, it is either made of
+# `0-9 * + - / . ( )` and spaces without `**`, or made of letters, digits, quotes, `( ) . _` and spaces, contains
+# `.count(`, and none of its denied words (`__`, import, open, file, dir, ...). Ours accepts the same and refuses the
+# rest. Where nanochat's `eval` would hand back something that is not an answer (a tuple, a generator, a 1 GB
+# string), ours refuses too: DEVIATIONS lists those cases.
+
+ACCEPTED = [
+    ("1+2", "3"),
+    ("3/2", "1.5"),
+    ("4/2", "2.0"),  # Python's own str() of the result, as nanochat
+    ("(12 + 8) * 3 - 4", "56"),
+    ("-5.5 * 2", "-11.0"),
+    ("17 // 5", "3"),
+    ("--3", "3"),
+    (".5 + 5.", "5.5"),
+    ("0.1+0.2", "0.30000000000000004"),
+    ("1,000 * 3", "3000"),  # thousands separators
+    ("1,234,567 + 1", "1234568"),
+    (" 2 + 2 ", "4"),
+    ("1+" * 2000 + "1", "2001"),  # a chain nanochat's eval still compiles
+    ("9" * 2000, "9" * 2000),
+    ("9" * 400 + ".0 * 10", "inf"),  # a float literal past 1e308, as nanochat
+    ("'strawberry'.count('r')", "3"),  # SpellingBee's tool call
+    ('"Mississippi".lower().count("s")', "4"),
+    ("'a b a'.split().count('a')", "2"),
+    ("'  Hi '.strip().upper().count('H')", "1"),
+    ("'Hello World'.swapcase().count('h')", "1"),
+    ("'abc'.count('')", "4"),
+    ("'a,b,c'.count(',')", "4"),  # nanochat drops every comma first, this one too: it counts '' in 'abc'
+]
+
+REFUSED = [
+    "17 % 5",  # `%` is not among nanochat's characters
+    "2**10",  # no power: 9**9**9 would hang
+    "9**9**9",
+    "'ab' * 3",  # no arithmetic on strings
+    "'strawberry'.count('r') + 1",  # string methods do not mix with arithmetic
+    "'Directory'.count('r')",  # contains the denied word "dir"
+    "'open'.count('o')",
+    "'abc'.index('b')",  # only expressions with .count(
+    "1e5",  # letters take the string route, which needs .count(
+    "1/0",
+    "1 2",
+    "01",
+    "\t1+1",  # spaces are the only white space allowed
+    "1+1\n",
+    "",
+    "1 +",
+    "1e308 * 10",
+    "True + 1",
+    "x + 1",
+    "__import__('os').system('echo pwned')",
+    "open('/etc/passwd').read()",
+    "().__class__.__bases__[0].__subclasses__()",
+    "'abc'.__class__",
+    "'x'.format_map({})",
+    "(lambda: 1)()",
+    "[1, 2, 3]",
+    "f'{1}'",
+    "'abc'.count(1)",
+    "1 if True else 2",
+    "1+" * 3000 + "1",  # too deep for nanochat's eval to compile
+    "(" * 300 + "1" + ")" * 300,  # past the parser's nesting limit
+    "9" * 5000,  # a literal past Python's digit limit
+    "9" * 2200 + "*" + "9" * 2200,  # a result past str()'s digit limit (nanochat's engine would raise on it)
+]
+
+# nanochat answers these, ours refuses: none is an answer a calculator should give.
+DEVIATIONS = {
+    "()": "an empty tuple",
+    "(())": "an empty tuple",
+    "'abc'.count('a') if 1 else 2": "a conditional expression",
+    "('abc'.count(x) for x in 'ab')": "a generator object",
+    "b'abc'.count(b'a')": "bytes",
+    "f'abc'.count('a')": "an f-string",
+    "'abc'.count('a') . real": "an attribute that is not a method call",
+    "().count(1)": "a tuple's count",
+    "'a'.ljust(100).count(' ')": "ljust and the like: their output can be any size ('a'.ljust(10**9))",
+    "'.count('": "a bare string literal",
+}
 
 
-@pytest.mark.parametrize(
-    ("expr", "expected"),
-    [
-        ("1+2", "3"),
-        ("3/2", "1.5"),
-        ("4/2", "2.0"),  # Python's own str() of the result, as nanochat
-        ("(12 + 8) * 3 - 4", "56"),
-        ("-5.5 * 2", "-11.0"),
-        ("17 // 5", "3"),
-        ("17 % 5", "2"),
-        ("1,000 * 3", "3000"),  # thousands separators
-        ("1,234,567 + 1", "1234568"),
-        ("'strawberry'.count('r')", "3"),  # SpellingBee's tool call
-        ('"Mississippi".lower().count("s")', "4"),
-        ('"a,b,c".count(",")', "2"),  # a comma inside a string stays
-        (" 2 + 2 ", "4"),
-    ],
-)
-def test_calculator_evaluates_arithmetic_and_string_counts(expr, expected):
+@pytest.mark.parametrize(("expr", "expected"), ACCEPTED)
+def test_calculator_accepts_what_nanochat_accepts(expr, expected):
     assert calculate(expr) == expected
 
 
-@pytest.mark.parametrize(
-    "expr",
-    [
-        "__import__('os').system('echo pwned')",
-        "open('/etc/passwd').read()",
-        "().__class__.__bases__[0].__subclasses__()",
-        "'abc'.__class__",
-        "'x'.format_map({})",
-        "'ab' * 10**9",  # no string repetition
-        "9**9**9",  # no power: it would hang
-        "2**10",
-        "1/0",
-        "x + 1",
-        "(lambda: 1)()",
-        "[1, 2, 3]",
-        "f'{1}'",
-        "'abc'.count(1)",
-        "1 if True else 2",
-        "",
-        "1 +",
-        "9" * 2000,  # too long to be a calculation
-        "1e308 * 10",  # inf is not an answer
-        "True + 1",
-    ],
-)
+@pytest.mark.parametrize("expr", REFUSED + list(DEVIATIONS))
 def test_calculator_refuses_everything_else(expr):
     assert calculate(expr) is None
+
+
+def _nanochat_checkout() -> Path | None:
+    """A nanochat checkout to compare with: $NANOCHAT_CHECKOUT, or a `nanochat` folder beside this repository."""
+    where = os.environ.get("NANOCHAT_CHECKOUT") or Path(__file__).resolve().parents[2] / "nanochat"
+    engine = Path(where) / "nanochat" / "engine.py"
+    return engine if engine.is_file() else None
+
+
+def _nanochat_answers(engine: Path, exprs: list[str]) -> list[str | None]:
+    """nanochat's own `use_calculator` (its functions, taken from the checkout's engine.py without its torch
+    imports) on each expression, as the text its engine would insert: str(result), or None."""
+    lines = engine.read_text().splitlines()
+    wanted = {"timeout", "eval_with_timeout", "use_calculator"}
+    source = "import signal, warnings\nfrom contextlib import contextmanager\n" + "\n".join(
+        "\n".join(lines[min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1 : node.end_lineno])
+        for node in ast.parse("\n".join(lines)).body
+        if isinstance(node, ast.FunctionDef) and node.name in wanted
+    )
+    runner = source + (
+        "\nimport json, sys\nout = []\nfor e in json.load(sys.stdin):\n    r = use_calculator(e)\n"
+        "    try:\n        out.append(None if r is None else str(r))\n    except ValueError:\n"
+        "        out.append(None)\njson.dump(out, sys.stdout)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", runner], input=json.dumps(exprs), capture_output=True, text=True,
+                          timeout=120, check=True)
+    return json.loads(proc.stdout)
+
+
+def test_calculator_matches_nanochats_use_calculator_when_a_checkout_is_present():
+    engine = _nanochat_checkout()
+    if engine is None:
+        pytest.skip("no nanochat checkout (set NANOCHAT_CHECKOUT); the cases above restate its rules")
+    rng = random.Random(0)
+    fuzz = ["".join(rng.choice("0123456789+-*/(). ,") for _ in range(rng.randint(1, 14))) for _ in range(3000)]
+    words, methods = ["'strawberry'", "'Mississippi'", "'a b a'", "' Hi '"], ["lower()", "upper()", "strip()", "split()"]
+    fuzz += [f"{w}.{m}.count('{c}')" for w in words for m in methods for c in "saHi"]
+    exprs = [e for e, _ in ACCEPTED] + REFUSED + list(DEVIATIONS) + fuzz
+    theirs = _nanochat_answers(engine, exprs)
+    pairs = list(zip(exprs, theirs, strict=True))
+    # the fuzz also finds tuples, e.g. `()*4`, which nanochat answers with "()": not an answer either
+    mismatched = [(e, calculate(e), t) for e, t in pairs
+                  if calculate(e) != t and e not in DEVIATIONS and not (calculate(e) is None and t.startswith("("))]
+    assert not mismatched, mismatched[:10]
+    assert all(t is not None for e, t in pairs if e in DEVIATIONS)  # nanochat does answer those
 
 
 def test_calculator_never_calls_eval(monkeypatch):
@@ -208,7 +296,8 @@ def test_fork_bomb_is_refused():
         "import multiprocessing\nwhile True:\n    multiprocessing.Process(target=print).start()",
         "import pty\npty.fork()",
     ):
-        _assert_refused(run_python(code, timeout=3.0), "not allowed")
+        # pty.fork takes the refusal of os.forkpty for a missing pty and falls back to /dev/ptmx, refused too
+        _assert_refused(run_python(code, timeout=3.0), "not allowed", "out of pty devices")
 
 
 def test_ten_gigabyte_allocation_fails_cleanly():

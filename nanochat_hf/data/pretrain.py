@@ -8,6 +8,9 @@ feeding the next:
     open_text_stream ─► split_dataset_by_node ─► DataLoader workers ─► DocumentFeed ─► BestFitPacker ─► batches
     (datasets, streaming)  (this rank's share)     (read + tokenize)     (fixed order)    (rows of T+1)
 
+Parquet takes a path of its own to the workers, :meth:`TextSource.open_row_groups` (this rank's row groups, read as
+nanochat reads them), so that chunks of documents end where row groups end.
+
 **Sources.** A Hub dataset id (default nanochat's ``karpathy/climbmix-400b-shuffle``) or a local folder or file of
 ``.parquet``, ``.jsonl`` or ``.txt`` files (a ``.txt`` file is one document), all read by ``datasets.load_dataset``
 with ``streaming=True``. Splits: files whose path names a split (``train``, ``validation``/``valid``/``val``/``dev``;
@@ -28,14 +31,26 @@ shortest one cropped to fill the row exactly. So every row starts with BOS and i
 remainder is discarded, exactly as nanochat does (a document longer than T+1 tokens therefore only ever
 contributes its first T+1 tokens).
 
-**Workers.** Each DataLoader worker reads a disjoint set of shards (``datasets`` splits them across workers) and
-tokenizes 128 documents per call with the fast tokenizer. With fewer shards than workers, the stream is first
-resharded (parquet splits into row groups); if that is still too few, fewer workers are used. The main process takes
-chunks from the workers in a strict round robin of its own, so the document order does not depend on timing (it
-does depend on the number of workers, which decides how shards are dealt out).
+**Reading, as nanochat's loader reads** (nanochat/dataloader.py). Parquet: rank r of W reads, file after file, the
+row groups r, r + W, r + 2W, ... of each file; each row group is read whole and cut into chunks of 128 documents
+(``tokenizer_batch_size``) from its start, so a chunk never spans two row groups and a row group's last chunk is
+shorter (300 documents: 128, 128, 44). The packer's buffer is topped up one chunk at a time, before each pick, until
+it holds ``buffer_size`` documents. With one rank and ``num_workers=0`` the batches therefore equal nanochat's, batch
+for batch (tested against a restatement of its rule, and against its own code when a checkout is at hand). Other
+formats are streams of documents, cut into chunks of 128 consecutive documents, shared out across ranks by
+``datasets``.
 
-**Resume.** :meth:`PackedBatches.state_dict` is JSON-serialisable and holds, per worker, the ``datasets`` stream
-state after the last chunk the main process consumed, whether that worker's share is finished, the round-robin
+**Workers.** Each DataLoader worker reads a disjoint set of shards (``datasets`` deals them out in turn) and
+tokenizes a chunk per call with the fast tokenizer. A local parquet row group is a shard of its own, a Hub parquet
+file is one shard, and a jsonl or txt file is one; a document stream with fewer shards than workers is first
+resharded where ``datasets`` can; if that is still too few, fewer workers are used. The main process takes chunks
+from the workers in a strict round robin of its own, so the document order does not depend on timing (it does
+depend on the number of workers, which decides how shards are dealt out: only ``num_workers=0`` keeps nanochat's
+order).
+
+**Resume.** :meth:`PackedBatches.state_dict` is JSON-serialisable and holds, per worker, the position after the
+last chunk the main process consumed (the ``datasets`` stream state, and how many documents into the next row
+group that chunk reached), whether that worker's share is finished, the round-robin
 position, the epoch, and the packer's buffer. Loading it restarts each worker at its saved position, so chunks that
 were prefetched but never consumed are read again and the batches continue bit-exactly; nothing consumed before is
 re-tokenized. Resume needs the same ``num_workers``, rank and world size.
@@ -46,6 +61,7 @@ file and row (or byte offset) at fault.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -59,6 +75,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from datasets import IterableDataset, load_dataset
@@ -130,6 +148,38 @@ class TextSource:
             ds = ds.filter(_HashHoldout(self.text_column, validation=self.split == "validation"))
         return ds
 
+    def open_row_groups(self, rank: int = 0, world_size: int = 1) -> IterableDataset:
+        """A parquet split as this rank's row groups, one example each: ``{text_column: [its documents]}``, in
+        nanochat's order: the files in order, and in each file the row groups rank, rank + world_size, ... (so the
+        ranks share every file). Each local row group is a shard of its own (DataLoader workers deal them out); a
+        remote file is one shard whose row groups are counted when it is read, since opening thousands of Hub files
+        up front would take minutes. Call :meth:`open` first: it checks the text column."""
+        if self.builder != "parquet":
+            raise ValueError(f"{self.describe()}: row groups are a parquet notion; this source is {self.builder}")
+        if self.local:
+            shards = [
+                (file, [group])
+                for file in self.files
+                for group in range(rank, pq.ParquetFile(file).metadata.num_row_groups, world_size)
+            ]
+            if not shards:
+                raise PretrainDataError(
+                    f"{self.describe()}: rank {rank} of {world_size} gets no row group (each rank reads every "
+                    f"{world_size}th row group of each file); use fewer ranks or files with more row groups"
+                )
+        else:
+            shards = [(file, None) for file in self.files]
+        holdout = _HashHoldout(self.text_column, validation=self.split == "validation") if self.holdout else None
+        gen_kwargs = {
+            "files": [file for file, _ in shards],
+            "row_groups": [groups for _, groups in shards],
+            "column": self.text_column,
+            "rank": rank,
+            "world_size": world_size,
+            "holdout": holdout,
+        }
+        return IterableDataset.from_generator(_read_row_groups, gen_kwargs=gen_kwargs)
+
     def _check_columns(self, ds: IterableDataset) -> None:
         # The schema is known up front for parquet and jsonl, so a wrong column fails here, before any worker starts.
         if ds.features is None:
@@ -171,6 +221,31 @@ class _HashHoldout:
             return True  # let the worker see it and report the bad row, whichever split is read
         held_out = zlib.crc32(text.encode("utf-8", "surrogatepass")) % HOLDOUT_ONE_IN == 0
         return held_out == self.validation
+
+
+def _read_row_groups(
+    files: list[str],
+    row_groups: list[list[int] | None],
+    column: str,
+    rank: int,
+    world_size: int,
+    holdout: _HashHoldout | None,
+) -> Iterator[dict[str, list]]:
+    """The ``datasets`` generator behind :meth:`TextSource.open_row_groups` (called with one shard's files and
+    row groups): one example per row group, the `column` values of its rows. ``None`` row groups: the file's
+    rank-th, (rank + world_size)-th, ... Values are passed on unchecked; the worker reports a bad one."""
+    for file, groups in zip(files, row_groups, strict=True):
+        with contextlib.ExitStack() as stack:
+            # local paths are read by pyarrow natively, hf:// URLs through fsspec (huggingface_hub's filesystem)
+            opened = file if "://" not in file else stack.enter_context(fsspec.open(file, "rb"))
+            parquet = stack.enter_context(pq.ParquetFile(opened))
+            if groups is None:
+                groups = range(rank, parquet.num_row_groups, world_size)
+            for group in groups:
+                texts = parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
+                if holdout is not None:
+                    texts = [text for text in texts if holdout({column: text})]
+                yield {column: texts}
 
 
 def resolve_source(
@@ -398,8 +473,15 @@ def _identity(item: Any) -> Any:
 
 class _TokenizingWorkers(torch.utils.data.IterableDataset):
     """Run by each DataLoader worker (or in-process with num_workers=0): read this worker's shards from its saved
-    position, tokenize `batch_size` documents per call (BOS prepended), send chunks, then an end marker. Errors
-    are sent as a failure item, so the main process can raise a readable one."""
+    position, tokenize chunks of `batch_size` documents (BOS prepended), send them, then an end marker. Errors
+    are sent as a failure item, so the main process can raise a readable one.
+
+    Chunks are cut as nanochat cuts them: documents are read in groups, and each group is cut into chunks of
+    `batch_size` from its start, so a chunk never spans two groups and a group's last chunk may be shorter. With
+    `grouped` every example of the stream is a group (a parquet row group: ``{text_column: [documents]}``);
+    otherwise the examples are documents, grouped `batch_size` at a time. A chunk's resume state is ``{"stream":
+    the datasets state, "skip": documents of the next group already sent}``: the state after its group when it
+    ends the group, else the state before the group and how far into it the chunk reached."""
 
     def __init__(
         self,
@@ -409,6 +491,7 @@ class _TokenizingWorkers(torch.utils.data.IterableDataset):
         batch_size: int,
         start_states: list[dict | None],
         done: list[bool],
+        grouped: bool = False,
     ):
         self.texts = texts
         self.tokenizer = tokenizer
@@ -416,6 +499,7 @@ class _TokenizingWorkers(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.start_states = start_states
         self.done = done
+        self.grouped = grouped
 
     def __iter__(self) -> Iterator[_WorkerItem]:
         info = get_worker_info()
@@ -425,27 +509,49 @@ class _TokenizingWorkers(torch.utils.data.IterableDataset):
             return
         # A worker owns a copy of the dataset; in-process, copy it so the caller's object keeps no position.
         texts = self.texts if info is not None else copy.deepcopy(self.texts)
-        if self.start_states[worker] is not None:
-            texts.load_state_dict(self.start_states[worker])
-        pending: list[str] = []
-        read = 0
+        start = self.start_states[worker] or {"stream": None, "skip": 0}
+        if start["stream"] is not None:
+            texts.load_state_dict(start["stream"])
+        before, skip = start["stream"], start["skip"]
         try:
-            for row in texts:
-                text = row.get(self.text_column)
-                if not isinstance(text, str):
-                    found = "no such column" if self.text_column not in row else type(text).__name__
-                    raise _BadRow(f"document {read} of worker {worker}'s share: column {self.text_column!r}: {found}")
-                pending.append(text)
-                read += 1
-                if len(pending) == self.batch_size:
-                    yield self._encode(worker, pending, texts.state_dict())
-                    pending = []
-            if pending:
-                yield self._encode(worker, pending, texts.state_dict())
+            for docs, after in self._groups(texts, worker):
+                for begin in range(skip, len(docs), self.batch_size):
+                    end = min(begin + self.batch_size, len(docs))
+                    resume = {"stream": after, "skip": 0} if end == len(docs) else {"stream": before, "skip": end}
+                    yield self._encode(worker, docs[begin:end], resume)
+                before, skip = after, 0
         except Exception as err:  # reported, with its type, by the main process
             yield _WorkerItem(worker, failure=f"{type(err).__name__}: {err}")
             return
         yield _WorkerItem(worker)
+
+    def _groups(self, texts: IterableDataset, worker: int) -> Iterator[tuple[list[str], dict]]:
+        """This worker's documents group by group, each with the stream's state after it."""
+        read = 0
+        if self.grouped:
+            for row in texts:
+                docs = row[self.text_column]  # open_row_groups always gives a list
+                for doc in docs:
+                    self._check(doc, read, worker, row)
+                    read += 1
+                yield docs, texts.state_dict()
+            return
+        pending: list[str] = []
+        for row in texts:
+            text = row.get(self.text_column)
+            self._check(text, read, worker, row)
+            pending.append(text)
+            read += 1
+            if len(pending) == self.batch_size:
+                yield pending, texts.state_dict()
+                pending = []
+        if pending:
+            yield pending, texts.state_dict()
+
+    def _check(self, text: Any, read: int, worker: int, row: Mapping[str, Any]) -> None:
+        if not isinstance(text, str):
+            found = "no such column" if self.text_column not in row else type(text).__name__
+            raise _BadRow(f"document {read} of worker {worker}'s share: column {self.text_column!r}: {found}")
 
     def _encode(self, worker: int, texts: list[str], state: dict) -> _WorkerItem:
         # nanochat encodes special-token strings in text as ordinary text (tiktoken's encode_ordinary): what
@@ -478,7 +584,8 @@ class _FeedState:
 class DocumentFeed:
     """Tokenized documents of one rank's text stream, one chunk at a time, taken from the workers in a strict
     round robin; resumable from :meth:`state_dict`. With `loop`, a new epoch starts when every worker's share is
-    exhausted (workers are restarted); otherwise the feed ends."""
+    exhausted (workers are restarted); otherwise the feed ends. `grouped`: the stream's examples are groups of
+    documents (parquet row groups, :meth:`TextSource.open_row_groups`) that no chunk may span."""
 
     def __init__(
         self,
@@ -491,6 +598,7 @@ class DocumentFeed:
         loop: bool = True,
         describe: str = "the text stream",
         diagnose: Callable[[], str | None] | None = None,
+        grouped: bool = False,
     ):
         if tokenizer.bos_token_id is None:
             raise ValueError("the tokenizer has no BOS token; nanochat's <|bos|> starts every document")
@@ -503,6 +611,7 @@ class DocumentFeed:
         self.loop = loop
         self.describe = describe
         self.diagnose = diagnose
+        self.grouped = grouped
         self._state = self._fresh_state(epoch=0)
 
     def _fresh_state(self, epoch: int) -> _FeedState:
@@ -554,6 +663,7 @@ class DocumentFeed:
             self.tokenizer_batch_size,
             list(s.worker_states),
             list(s.worker_done),
+            self.grouped,
         )
         loader = DataLoader(workers, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
         items = iter(loader)
@@ -685,7 +795,21 @@ class PackedBatches(torch.utils.data.IterableDataset):
             texts, describe, diagnose = source, "the text stream", None
         if self.world_size > 1:
             describe += f" (rank {self.rank} of {self.world_size})"
-        texts, num_workers = self._share(texts, num_workers)
+        # Parquet is read as nanochat reads it, by row group (its rank's share of each file), so that chunks of
+        # documents end where row groups end; other sources are streams of documents, shared out by datasets.
+        grouped = isinstance(source, TextSource) and source.builder == "parquet"
+        if grouped:
+            texts = source.open_row_groups(self.rank, self.world_size)
+        else:
+            texts = self._share(texts, num_workers)
+        if num_workers > texts.num_shards:
+            logger.warning(
+                "%d DataLoader workers requested but this rank's stream has only %d shards; using %d",
+                num_workers,
+                texts.num_shards,
+                texts.num_shards,
+            )
+            num_workers = texts.num_shards
         self.feed = DocumentFeed(
             texts,
             tokenizer,
@@ -695,24 +819,18 @@ class PackedBatches(torch.utils.data.IterableDataset):
             loop=loop,
             describe=describe,
             diagnose=diagnose,
+            grouped=grouped,
         )
         self.packer = BestFitPacker(buffer_size)
 
-    def _share(self, texts: IterableDataset, num_workers: int) -> tuple[IterableDataset, int]:
-        """This rank's part of the stream, and how many workers can read it (each needs a shard of its own)."""
+    def _share(self, texts: IterableDataset, num_workers: int) -> IterableDataset:
+        """This rank's part of a document stream, in at least as many shards as workers where it can be split
+        (each worker needs a shard of its own)."""
         if texts.num_shards < self.world_size * max(1, num_workers):
-            texts = texts.reshard()  # parquet: one shard per row group; other formats stay one shard per file
+            texts = texts.reshard()  # a parquet IterableDataset: one shard per row group; other formats per file
         if self.world_size > 1:
             texts = split_dataset_by_node(texts, rank=self.rank, world_size=self.world_size)
-        if num_workers > texts.num_shards:
-            logger.warning(
-                "%d DataLoader workers requested but this rank's stream has only %d shards; using %d",
-                num_workers,
-                texts.num_shards,
-                texts.num_shards,
-            )
-            num_workers = texts.num_shards
-        return texts, num_workers
+        return texts
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         chunks = self.feed.chunks()

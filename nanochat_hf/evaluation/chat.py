@@ -5,13 +5,15 @@
   position, the logits restricted to the token ids of the offered letters; their argmax is the answer. No sampling.
 * Generative (GSM8K, HumanEval, SpellingBee): the Engine (KV cache, the calculator forced into python blocks) samples
   `num_samples` replies (greedy by default, 512 tokens); an item passes if any reply passes. GSM8K and SpellingBee
-  compare the "#### N" answers; HumanEval runs prompt imports + the reply's program + the tests in the sandbox.
-* ChatCORE: the mean over tasks of (accuracy - baseline) / (1 - baseline), baselines 0.25 for the 4-way multiple
-  choice tasks and 0 for the generative ones.
+  compare the "#### N" answers; HumanEval runs prompt imports + the reply's first code block (nanochat's rule, in
+  tasks/humaneval.py) + the tests in the sandbox.
+* ChatCORE (evaluation/chatcore.py): the mean centered accuracy over ARC-Easy, ARC-Challenge, MMLU, GSM8K and
+  HumanEval. SpellingBee is evaluated on the Hub tiers too and reported beside it, never inside it.
 
 The CPU tier (`--tier cpu`) cannot download the Hub tasks; it evaluates the project's own generators on their test
 split (seeds offset by 10,000,000 from training's): Arithmetic (calculator calls, "#### N"), SimpleSpelling (exact
-reply) and SpellingBee (words from the Python docs, as the CPU mixtures use). Every generative task also reports the
+reply) and SpellingBee (words from the Python docs, as the CPU mixtures use). None of them is a ChatCORE task, so
+that tier reports no ChatCORE. Every generative task also reports the
 chat-format metrics the CPU speedrun is judged on: `ends_turn_rate`, the fraction of replies that end with
 `<|assistant_end|>` within the token budget, and (Arithmetic, GSM8K) `calculator_rate`, the fraction of replies that
 call the python tool.
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..engine import Engine
 from ..tasks import gsm8k_reward, load_task
+from ..tasks.humaneval import humaneval_program
 from ..tasks.mixtures import _REPOS as HUB_REPOS
 from ..tasks.mixtures import NANOCHAT_SHUFFLE_SEED
 from ..tasks.spelling import embedded_words, simple_spelling, spelling_bee
 from ..tools import run_python
+from .chatcore import BESIDE_CHATCORE, CHATCORE_TASKS, TASK_KEYS
 
 # nanochat's eval sets: split per Hub task; the generated tasks are evaluated on 256 items of their test split.
 HUB_SPLITS = {"arc_easy": "test", "arc_challenge": "test", "mmlu": "test", "gsm8k": "test", "humaneval": "test"}
@@ -151,7 +154,11 @@ class Reply:
 
 def generate_replies(engine: Engine, prompt_ids: list[int], *, num_samples: int = 1, max_tokens: int = 512,
                      temperature: float = 0.0, top_k: int | None = 50, seed: int = 42) -> list[Reply]:
-    """`num_samples` replies to one prompt through the Engine (the calculator runs inside python blocks)."""
+    """`num_samples` replies to one prompt through the Engine (the calculator runs inside python blocks). A reply
+    also ends where the model's context does; a prompt that fills the context is refused by the engine."""
+    room = engine.context_length - len(prompt_ids)
+    if 1 <= room < max_tokens:
+        max_tokens = room
     tokens: list[list[int]] = [[] for _ in range(num_samples)]
     stopped: list[int | None] = [None] * num_samples
     for column, _ in engine.generate(prompt_ids, num_samples, max_tokens, temperature, top_k, seed):
@@ -212,32 +219,6 @@ def score_answer(row: dict, reply: Reply) -> bool:
 def score_exact(row: dict, reply: Reply) -> bool:
     """SimpleSpelling: the reply is the reference reply ("word:w,o,r,d")."""
     return reply.text.strip() == row["messages"][-1]["content"].strip()
-
-
-_CODE_BLOCK = re.compile(r"```(?:python)?[^\n]*\n(.*?)```", re.DOTALL)
-
-
-def extract_program(text: str) -> str:
-    """The first fenced code block of a reply (```python or ```), else the whole reply."""
-    match = _CODE_BLOCK.search(text)
-    return (match.group(1) if match else text).strip()
-
-
-def prompt_imports(prompt: str) -> str:
-    """The import lines at the top of a HumanEval prompt, which a reply that restates only the function lacks."""
-    lines = []
-    for line in prompt.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(("import ", "from ")):
-            lines.append(stripped)
-        elif stripped and not stripped.startswith("#"):
-            break
-    return "\n".join(lines)
-
-
-def humaneval_program(row: dict, completion: str) -> str:
-    return (f"{prompt_imports(row['prompt'])}\n\n{extract_program(completion)}\n\n{row['test']}\n"
-            f"check({row['entry_point']})\n")
 
 
 def score_humaneval(row: dict, reply: Reply | str) -> bool:
@@ -320,20 +301,23 @@ def _generative_runner(load: Callable[[int, str | None], datasets.Dataset], scor
     return run
 
 
-# name -> (runner, ChatCORE baseline)
-HUB_CHAT_EVALS: dict[str, tuple[Callable[..., dict], float]] = {
-    "ARC-Easy": (_mc_runner("arc_easy"), 0.25),
-    "ARC-Challenge": (_mc_runner("arc_challenge"), 0.25),
-    "MMLU": (_mc_runner("mmlu"), 0.25),
-    "GSM8K": (_generative_runner(lambda n, d: hub_eval_set("gsm8k", n, d), score_answer, "hub", tool_rate=True), 0.0),
-    "HumanEval": (_generative_runner(lambda n, d: hub_eval_set("humaneval", n, d), score_humaneval, "hub"), 0.0),
-    "SpellingBee": (_generative_runner(spellingbee_eval_set, score_answer, "hub"), 0.0),
+# task registry key -> runner
+_HUB_RUNNERS: dict[str, Callable[..., dict]] = {
+    "arc_easy": _mc_runner("arc_easy"),
+    "arc_challenge": _mc_runner("arc_challenge"),
+    "mmlu": _mc_runner("mmlu"),
+    "gsm8k": _generative_runner(lambda n, d: hub_eval_set("gsm8k", n, d), score_answer, "hub", tool_rate=True),
+    "humaneval": _generative_runner(lambda n, d: hub_eval_set("humaneval", n, d), score_humaneval, "hub"),
+    "spellingbee": _generative_runner(spellingbee_eval_set, score_answer, "hub"),
 }
-CPU_TIER_EVALS: dict[str, tuple[Callable[..., dict], float]] = {
-    "Arithmetic": (_generative_runner(lambda n, d: cpu_eval_set("arithmetic", n), score_answer, "cpu",
-                                      tool_rate=True), 0.0),
-    "SimpleSpelling": (_generative_runner(lambda n, d: cpu_eval_set("simplespelling", n), score_exact, "cpu"), 0.0),
-    "SpellingBee": (_generative_runner(lambda n, d: cpu_eval_set("spellingbee", n), score_answer, "cpu"), 0.0),
+# name -> runner: the ChatCORE tasks, then those reported beside ChatCORE (chatcore.py lists both)
+HUB_CHAT_EVALS: dict[str, Callable[..., dict]] = {
+    name: _HUB_RUNNERS[TASK_KEYS[name]] for name in (*CHATCORE_TASKS, *BESIDE_CHATCORE)
+}
+CPU_TIER_EVALS: dict[str, Callable[..., dict]] = {
+    "Arithmetic": _generative_runner(lambda n, d: cpu_eval_set("arithmetic", n), score_answer, "cpu", tool_rate=True),
+    "SimpleSpelling": _generative_runner(lambda n, d: cpu_eval_set("simplespelling", n), score_exact, "cpu"),
+    "SpellingBee": _generative_runner(lambda n, d: cpu_eval_set("spellingbee", n), score_answer, "cpu"),
 }
 
 

@@ -15,6 +15,9 @@ calculator forced into python blocks; replies keep their special tokens and end 
 model ended its turn, which the ``ends_turn`` and ``calculator`` metrics read. lighteval's transformers backend
 (``lighteval accelerate``) has no tool use and decodes without special tokens, so run these tasks with
 ``lighteval custom``.
+
+lighteval reports each task's ``acc`` and knows nothing of ChatCORE: ``chatcore.lighteval_chatcore(results)`` gives
+ChatCORE and ChatCORE_cat from its ``results`` section (``chat:spellingbee`` is not part of either).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .bundle import cache_dir
 from .chat import (
     GENERATED_EVAL_SIZE,
     GENERATIVE_SCORERS,
+    HUB_SPLITS,
     MAX_TOKENS,
     Reply,
     cpu_eval_set,
@@ -52,20 +56,17 @@ from .chat import (
     render_prompt,
     spellingbee_eval_set,
 )
+from .chatcore import CATEGORICAL_TASKS, CHATCORE_TASKS, TASK_KEYS
 
 DATA_DIR_ENV = "NANOCHAT_CHAT_DATA_DIR"
 MAX_TOKENS_ENV = "NANOCHAT_CHAT_MAX_TOKENS"  # overrides each reply's token budget (default 512, CPU tasks 256)
 BATCH_SIZE_ENV = "NANOCHAT_CHAT_BATCH_SIZE"  # prompts per forward pass of the categorical tasks (default 8)
 ASSISTANT_END, PYTHON_START = "<|assistant_end|>", "<|python_start|>"
-# Hub task -> (dataset config, eval split)
-HUB_TASKS = {
-    "arc_easy": ("ARC-Easy", "test"),
-    "arc_challenge": ("ARC-Challenge", "test"),
-    "mmlu": ("all", "test"),
-    "gsm8k": ("main", "test"),
-    "humaneval": ("openai_humaneval", "test"),
-}
-MULTIPLE_CHOICE = ("arc_easy", "arc_challenge", "mmlu")
+# The Hub tasks are ChatCORE's (evaluation/chatcore.py), under their registry keys: key -> (dataset config, split)
+_HUB_CONFIGS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "mmlu": "all", "gsm8k": "main",
+                "humaneval": "openai_humaneval"}
+HUB_TASKS = {TASK_KEYS[name]: (_HUB_CONFIGS[TASK_KEYS[name]], HUB_SPLITS[TASK_KEYS[name]]) for name in CHATCORE_TASKS}
+MULTIPLE_CHOICE = tuple(TASK_KEYS[name] for name in CATEGORICAL_TASKS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
