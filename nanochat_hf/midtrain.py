@@ -111,13 +111,7 @@ class MidtrainSchedule(NanoChatSchedule):
 
 
 class MidtrainTrainer(PretrainTrainer):
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is None:
-            self.lr_scheduler = MidtrainSchedule(
-                optimizer or self.optimizer, total_steps=num_training_steps, warmup_steps=self.run.warmup_steps,
-                warmdown_ratio=self.run.warmdown_ratio, final_lr_frac=self.run.final_lr_frac,
-            )
-        return self.lr_scheduler
+    schedule_cls = MidtrainSchedule
 
 
 def parse_midtrain_args(argv: list[str] | None = None) -> MidtrainArguments:

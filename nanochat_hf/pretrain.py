@@ -143,9 +143,11 @@ class PretrainTrainer(Trainer):
         self.throughput = Throughput(plan.total_batch_size, self.model.estimate_flops_per_token(), self.args.world_size)
 
     # --- optimization: nanochat's own -------------------------------------------------------------------------
+    schedule_cls = NanoChatSchedule  # midtraining holds Muon's momentum differently
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = NanoChatSchedule(
+            self.lr_scheduler = self.schedule_cls(
                 optimizer or self.optimizer, total_steps=num_training_steps, warmup_steps=self.run.warmup_steps,
                 warmdown_ratio=self.run.warmdown_ratio, final_lr_frac=self.run.final_lr_frac,
             )
