@@ -258,3 +258,75 @@ def rotate_checkpoints(output_dir: str | Path, keep: int | None, step: int) -> N
     ours = sorted((s, p) for p in Path(output_dir).iterdir() if (s := checkpoint_step(p)) is not None and s <= step)
     for _, path in ours[:-keep]:
         shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a pretraining run leaves beside its final model for HEAD's SFT (nanochat-spec.md §4.4): the run's recorded
+# arguments and plan, and the optimizer's final state. `push` uploads neither (it stages only the weights, the
+# tokenizer, the config and the code), so they stay on the machine that trained.
+
+RUN_RECORD = "run_args.json"
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+def write_run_record(folder: str | Path, stage: str, arguments: dict[str, Any], plan: dict[str, Any]) -> None:
+    """`<folder>/run_args.json`: the stage, its arguments as given (nanochat's `user_config`) and the plan they
+    resolved to (the total batch in tokens, the number of steps)."""
+    record = {"stage": stage, "arguments": arguments, "plan": plan}
+    (Path(folder) / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_run_record(folder: str | Path) -> dict[str, Any] | None:
+    """The record :func:`write_run_record` left in `folder`; None where there is none (a model from elsewhere)."""
+    path = Path(folder) / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON run record ({err}); delete it to fall back to nanochat's defaults") \
+            from None
+    if not (isinstance(record, dict) and isinstance(record.get("arguments"), dict)
+            and isinstance(record.get("plan"), dict)):
+        raise ValueError(f"{path}: a run record needs 'arguments' and 'plan' objects; delete it to fall back to "
+                         "nanochat's defaults")
+    return record
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, folder: str | Path) -> None:
+    """The optimizer's whole state (every rank holds all of it: see nanochat_hf.optim) as `<folder>/optimizer.pt`."""
+    torch.save(optimizer.state_dict(), Path(folder) / OPTIMIZER_STATE)
+
+
+def warm_start_optimizer(optimizer: torch.optim.Optimizer, folder: str | Path) -> None:
+    """Load the per-parameter state (momentum buffers, Adam moments, NorMuon's second moments) that pretraining
+    left in `<folder>/optimizer.pt` into `optimizer`, keeping `optimizer`'s own hyper-parameters: HEAD's SFT
+    restores its fresh LRs after loading, and its other settings (Muon weight decay 0, the momentum the schedule
+    sets) are this run's too. The state is loaded with `weights_only=True`."""
+    path = Path(folder) / OPTIMIZER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: warm-starting the optimizer needs the state pretraining saves beside its final "
+            "model; pass --load_optimizer false to start Muon and AdamW fresh, or --init_from a folder written by "
+            "`nanochat-hf pretrain`")
+    problem = _torch_file_problem(path)
+    if problem:
+        raise ValueError(f"{path}: {problem}; pass --load_optimizer false to start the optimizer fresh")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    fresh = optimizer.state_dict()
+    layout = [(g.get("name"), len(g["params"])) for g in fresh["param_groups"]]
+    saved_layout = [(g.get("name"), len(g["params"])) for g in saved.get("param_groups", [])]
+    if layout != saved_layout:
+        raise ValueError(
+            f"{path} holds the state of other parameter groups ({saved_layout}) than this model's ({layout}); "
+            "pass --load_optimizer false, or --init_from the folder of the run that trained this model")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, state in saved["state"].items():
+        # AdamW keeps moments shaped like the parameter; a Muon group its stack (K, rows, cols) on the first one
+        moment = state.get("exp_avg", state.get("momentum_buffer"))
+        p = params[index]
+        if moment is not None and tuple(moment.shape[-p.dim():]) != tuple(p.shape):
+            raise ValueError(f"{path} was saved for a model of other shapes (a state of shape {tuple(moment.shape)} "
+                             f"for a parameter of shape {tuple(p.shape)}); pass --load_optimizer false, or "
+                             "--init_from the folder of the run that trained this model")
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": fresh["param_groups"]})

@@ -39,7 +39,7 @@ def _speedrun_main(args: argparse.Namespace) -> None:
 
     try:
         run_speedrun(args.tier, args.run_dir or f"runs/{args.tier}", corpus=args.corpus, max_steps=args.max_steps,
-                     rl=args.rl, accelerate_config=args.accelerate_config,
+                     rl=args.rl, pipeline=args.pipeline, accelerate_config=args.accelerate_config,
                      eval_max_per_task=args.eval_max_per_task, eval_max_tokens=args.eval_max_tokens)
     except StageFailed as err:  # reported like every other bad-input error, with exit status 2
         raise ValueError(str(err)) from err
@@ -90,14 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     speedrun = sub.add_parser(
         "speedrun",
         help="run every stage of a tier end to end into one run folder",
-        description="Chain the pipeline's stages for a tier into RUN_DIR: corpus, tokenizer, pretrain, midtrain, SFT, "
-        "(RL), with an evaluation after each training stage, then report.md. Finished stages are skipped on a "
+        description="Chain the pipeline's stages for a tier into RUN_DIR: corpus, tokenizer, pretrain, midtrain (the "
+        "2025 pipeline only), SFT, (RL), with an evaluation after each training stage, then report.md. Finished stages are skipped on a "
         "re-run; an interrupted pretraining or midtraining resumes from its last checkpoint. The cpu tier needs no "
         "download: it pretrains on the documentation embedded in Python itself and fine-tunes on the project's own "
         "generated conversations. GPU tiers launch each training stage with `accelerate launch` on every visible "
         "GPU (recipes/<tier>/speedrun.sh shows the commands).",
     )
-    speedrun.add_argument("--tier", choices=["cpu", "d12", "d20", "d26", "d32"], default="cpu", help="model tier")
+    speedrun.add_argument("--tier", choices=["cpu", "d12", "d20", "d24", "d26", "d32"], default="cpu",
+                          help="model tier")
+    speedrun.add_argument("--pipeline", choices=["2025", "2026"],
+                          help="2025: pretrain, midtrain, SFT; 2026: nanochat HEAD's pretrain then SFT from the base "
+                          "model (default: 2025 on cpu, 2026 on the GPU tiers)")
     speedrun.add_argument("--run-dir", help="output folder (default runs/<tier>)")
     speedrun.add_argument("--corpus", help="text/jsonl/parquet file or folder to use instead of the tier's corpus")
     speedrun.add_argument("--max-steps", type=int, help="cap every training stage at this many steps (smoke run)")

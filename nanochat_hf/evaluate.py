@@ -38,7 +38,7 @@ from .evaluation.core import evaluate_core
 __all__ = ["CATEGORICAL_TASKS", "CHATCORE_TASKS", "chatcore", "chatcore_cat", "evaluate_checkpoint", "main"]
 
 STAGES = ("base", "mid", "sft", "rl")
-TIERS = ("cpu", "d12", "d20", "d26", "d32")
+TIERS = ("cpu", "d12", "d20", "d24", "d26", "d32")  # as nanochat_hf.tasks.mixtures.TIERS (imported lazily there)
 # Chat-stage evaluators, name -> fn(model, tokenizer, max_per_task=..., batch_size=..., data_dir=..., max_tokens=...)
 # -> {"accuracy": float, ...}. The chat evals (nanochat_hf/evaluation/chat.py) register here: nanochat's Hub tasks,
 # and the CPU tier's offline tasks. ChatCORE reads the accuracies of the tasks it lists by name.

@@ -90,24 +90,12 @@ class MidtrainArguments(PretrainArguments):
         check_bounds(self, {"val_rows": Bound(low=0), "max_rows": Bound(low=1, off=-1), "num_proc": Bound(low=1)})
 
 
-def midtrain_muon_momentum(step: int) -> float:
-    """ORIG mid_train.py's Muon momentum: 0.85 -> 0.95 linearly over the first 300 steps, then held at 0.95
-    (pretraining's schedule climbs to 0.97 over 400 steps and dips during the warmdown; midtraining's does not)."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
 class MidtrainSchedule(NanoChatSchedule):
-    """Pretraining's LR and weight-decay schedule with midtraining's own Muon momentum."""
+    """Pretraining's LR and weight-decay schedule with ORIG mid_train's Muon momentum (0.85 -> 0.95 over 300 steps,
+    then held; pretraining's climbs to 0.97 over 400 steps and dips during the warmdown)."""
 
     def __init__(self, optimizer: MuonAdamW, total_steps: int, **kwargs):
-        super().__init__(optimizer, total_steps, momentum_schedule=False, **kwargs)
-
-    def get_lr(self) -> list[float]:
-        for group in self.optimizer.param_groups:
-            if group["kind"] == "muon":
-                group["momentum"] = midtrain_muon_momentum(self.last_epoch)
-        return super().get_lr()
+        super().__init__(optimizer, total_steps, momentum_schedule="warmup", **kwargs)
 
 
 class MidtrainTrainer(PretrainTrainer):
@@ -145,8 +133,9 @@ def stage_mixture(stage: str, run) -> Dataset:
     return dataset
 
 
-def validation_mixture(run) -> Dataset:
-    """The conversations validation bits per byte are measured on: the tasks' test splits, as nanochat's mid_train."""
+def validation_mixture(run, stage: str = "midtrain") -> Dataset:
+    """The conversations a stage validates on: the tasks' test splits of its mixture, as nanochat's mid_train and
+    chat_sft (or the run's `val_conversations` file); the first `val_rows` of them when that is set."""
     if run.val_conversations:
         dataset = load_conversations(run.val_conversations)
     elif run.conversations:
@@ -155,7 +144,7 @@ def validation_mixture(run) -> Dataset:
     else:
         from .tasks import build_mixture  # imported here: the tasks pull in the datasets of every task
 
-        dataset = build_mixture("midtrain", tier=run.tier, data_dir=run.data_dir, seed=run.seed, split="val")
+        dataset = build_mixture(stage, tier=run.tier, data_dir=run.data_dir, seed=run.seed, split="val")
     if run.val_rows > 0:
         dataset = dataset.select(range(min(run.val_rows, len(dataset))))
     return dataset
@@ -165,14 +154,6 @@ def batches_per_pass(stream_fn, world_size: int) -> int:
     """Packed batches the busiest rank needs for one pass over its shard (best-fit packing pads rows, so the
     token count alone underestimates it)."""
     return max(sum(1 for _ in stream_fn(rank=r, loop=False)) for r in range(world_size))
-
-
-def split_validation(dataset: Dataset, val_rows: int, world_size: int) -> tuple[Dataset, Dataset]:
-    if len(dataset) < val_rows + world_size:
-        raise ValueError(f"the mixture has {len(dataset)} conversations: too few to hold out val_rows={val_rows} and "
-                         f"still give each of {world_size} processes one; lower --val_rows")
-    cut = len(dataset) - val_rows
-    return dataset.select(range(cut)), dataset.select(range(cut, len(dataset)))
 
 
 def train(run: MidtrainArguments) -> Path:

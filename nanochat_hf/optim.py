@@ -561,6 +561,67 @@ def nanochat_param_groups(
     return groups
 
 
+def nanochat_2025_param_groups(
+    model: torch.nn.Module,
+    *,
+    embedding_lr: float = 0.2,
+    unembedding_lr: float = 0.004,
+    matrix_lr: float = 0.02,
+) -> list[dict]:
+    """nanochat ORIG's `GPT.setup_optimizers` groups for a 2025-generation NanoChatForCausalLM.
+
+    AdamW (betas (0.8, 0.95), eps 1e-10, no weight decay) for lm_head and the token embedding, LRs scaled by
+    `(d_model / 768) ** -0.5`; Muon for every block matrix at `matrix_lr`, momentum 0.95, Nesterov, 5 steps, no
+    NorMuon second moment (beta2 None) and no weight decay. ORIG groups single-GPU Muon parameters by numel and we
+    by shape: the update of each matrix is the same. Nothing is scaled by the batch size.
+    """
+    dmodel_scale = (model.config.hidden_size / 768) ** -0.5
+    core = model.model
+    groups = [
+        dict(kind="adamw", params=[model.lm_head.weight], lr=unembedding_lr * dmodel_scale, betas=(0.8, 0.95),
+             eps=1e-10, weight_decay=0.0, name="lm_head"),
+        dict(kind="adamw", params=[core.embed_tokens.weight], lr=embedding_lr * dmodel_scale, betas=(0.8, 0.95),
+             eps=1e-10, weight_decay=0.0, name="wte"),
+    ]
+    matrices = list(core.layers.parameters())
+    for shape in sorted({tuple(p.shape) for p in matrices}):
+        groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
+                           momentum=0.95, nesterov=True, ns_steps=5, beta2=None, weight_decay=0.0,
+                           name=f"muon{shape}"))
+    covered = {id(p) for g in groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered and p.requires_grad]
+    if missing:  # a 2025 config with a 2026 feature switched on: ORIG's recipe has no LR for its parameters
+        raise ValueError(f"nanochat ORIG's optimizer (generation 2025) has no group for {missing}; train a model "
+                         "with these features as generation 2026")
+    return groups
+
+
+# MuonAdamW's switches for nanochat ORIG's Muon (nanochat/muon.py): Keller Jordan's Newton-Schulz on the Nesterov
+# momentum and nothing else (no MuonEq, Muon+, NorMuon or cautious decay), i.e. torch.optim.Muon.
+ORIG_MUON = dict(orthogonalizer="newton_schulz", row_equilibration=False, renormalize=False,
+                 cautious_weight_decay=False)
+
+
+def nanochat_optimizer(model: torch.nn.Module, *, ortho_dtype: torch.dtype | None = None,
+                       compile_step: bool | None = None, **group_kwargs) -> MuonAdamW:
+    """nanochat's optimizer for the model's architecture generation: ORIG's Muon and groups for a 2025 model
+    (:func:`nanochat_2025_param_groups`), HEAD's for a 2026 one (:func:`nanochat_param_groups`, `group_kwargs`).
+
+    A 2025 model takes the same keyword arguments: `scalar_lr` (it has no scalars) and `batch_lr_scale` (ORIG scales
+    no LR by the batch) are ignored, and a weight decay other than 0 is refused (ORIG's Muon has none)."""
+    if model.config.generation != "2025":
+        return MuonAdamW(nanochat_param_groups(model, **group_kwargs), ortho_dtype=ortho_dtype,
+                         compile_step=compile_step)
+    group_kwargs.pop("scalar_lr", None)
+    group_kwargs.pop("batch_lr_scale", None)
+    weight_decay = group_kwargs.pop("weight_decay", 0.0)
+    if weight_decay != 0:
+        raise ValueError(f"weight_decay={weight_decay}: a 2025-generation model trains with nanochat ORIG's Muon, "
+                         "which has no weight decay; set --weight_decay 0")
+    return MuonAdamW(nanochat_2025_param_groups(model, **group_kwargs), **ORIG_MUON, ortho_dtype=ortho_dtype,
+                     compile_step=compile_step)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # schedules
 
@@ -591,21 +652,46 @@ def muon_momentum(step: int, total_steps: int, warmdown_ratio: float = 0.65) -> 
     return 0.97
 
 
+def warmup_muon_momentum(step: int) -> float:
+    """The Muon momentum of nanochat's ORIG base_train and mid_train and of HEAD's chat_sft: 0.85 -> 0.95 linearly
+    over the first 300 steps, then held at 0.95 (no 0.97 plateau and no dip during the warmdown)."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+# how each stage moves Muon's momentum (NanoChatSchedule's `momentum_schedule`); None keeps the group's own
+MOMENTUM_SCHEDULES = ("pretrain", "warmup")
+
+
+# base_train's Muon schedules (NanoChatSchedule's options) per generation: HEAD's momentum climb to 0.97 with its dip
+# in the warmdown and its cosine weight decay (2026); ORIG's momentum warmup to 0.95, and no weight decay (2025).
+PRETRAIN_SCHEDULES = {
+    "2025": dict(momentum_schedule="warmup", weight_decay_schedule=False),
+    "2026": dict(momentum_schedule="pretrain", weight_decay_schedule=True),
+}
+
+
 def weight_decay_multiplier(step: int, total_steps: int) -> float:
     """Muon weight decay follows a cosine from its full value to 0 over the run."""
     return 0.5 * (1 + math.cos(math.pi * step / max(total_steps, 1)))
 
 
 class NanoChatSchedule(torch.optim.lr_scheduler.LRScheduler):
-    """Sets, at every step, each group's LR, and the Muon groups' momentum and weight decay, from the step alone."""
+    """Sets, at every step, each group's LR, and the Muon groups' momentum and weight decay, from the step alone.
+
+    `momentum_schedule`: "pretrain" (HEAD base_train's :func:`muon_momentum`), "warmup" (:func:`warmup_muon_momentum`)
+    or None (the momentum the groups were built with, as nanochat's ORIG SFT and RL)."""
 
     def __init__(self, optimizer: MuonAdamW, total_steps: int, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
-                 final_lr_frac: float = 0.05, momentum_schedule: bool = True, weight_decay_schedule: bool = True,
+                 final_lr_frac: float = 0.05, momentum_schedule: str | None = "pretrain",
+                 weight_decay_schedule: bool = True,
                  last_epoch: int = -1):
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
         self.warmdown_ratio = warmdown_ratio
         self.final_lr_frac = final_lr_frac
+        if momentum_schedule not in (*MOMENTUM_SCHEDULES, None):
+            raise ValueError(f"momentum_schedule={momentum_schedule!r}: use one of {MOMENTUM_SCHEDULES} or None")
         self.momentum_schedule = momentum_schedule
         self.weight_decay_schedule = weight_decay_schedule
         for group in optimizer.param_groups:
@@ -618,8 +704,10 @@ class NanoChatSchedule(torch.optim.lr_scheduler.LRScheduler):
         for group in self.optimizer.param_groups:
             if group["kind"] != "muon":
                 continue
-            if self.momentum_schedule:
+            if self.momentum_schedule == "pretrain":
                 group["momentum"] = muon_momentum(step, self.total_steps, self.warmdown_ratio)
+            elif self.momentum_schedule == "warmup":
+                group["momentum"] = warmup_muon_momentum(step)
             if self.weight_decay_schedule:
                 group["weight_decay"] = group["initial_weight_decay"] * weight_decay_multiplier(step, self.total_steps)
         return [group["initial_lr"] * mult for group in self.optimizer.param_groups]

@@ -27,22 +27,41 @@ from .checkpoints import (
     resume_point,
     rotate_checkpoints,
     save_data_state,
+    save_optimizer_state,
     truncate_step_logs,
+    write_run_record,
 )
 from .data.pretrain import PretrainStream, evaluate_bpb
 from .errors import Bound, UsageError, check_bounds, check_choice, check_source, run_command
 from .fp8 import FP8_RECIPES, check_fp8_support, convert_to_fp8, fp8_disabled
 from .init_model import build_model, publish_folder, save_atomically
 from .modeling_nanochat import NanoChatForCausalLM
-from .optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups, orthogonalization_dtype
+from .optim import (
+    FSDP_ERROR,
+    PRETRAIN_SCHEDULES,
+    MuonAdamW,
+    NanoChatSchedule,
+    nanochat_optimizer,
+    orthogonalization_dtype,
+)
 from .output_folder import run_folder
 from .tokenizer import load_tokenizer, token_bytes
-from .training_plan import TrainingPlan, check_batch_divides, gpu_peak_flops, plan_training
+from .training_plan import PRETRAIN_DEFAULTS, TrainingPlan, check_batch_divides, gpu_peak_flops, plan_training
+
+
+def _generation_default(name: str, help: str):
+    """A field left unset (None) that takes base_train's default for the run's generation (PRETRAIN_DEFAULTS);
+    its help names both."""
+    orig, head = PRETRAIN_DEFAULTS["2025"][name], PRETRAIN_DEFAULTS["2026"][name]
+    return field(default=None, metadata={
+        "help": f"{help}; unset: {orig} for generation 2025 (nanochat ORIG's), {head} for 2026 (HEAD's)"})
 
 
 @dataclass
 class PretrainArguments:
-    """A pretraining run. Every field can be set in the recipe YAML and overridden on the command line."""
+    """A pretraining run. Every field can be set in the recipe YAML and overridden on the command line. The recipe's
+    fields left unset take the base_train defaults of the model's generation: nanochat ORIG's for 2025, HEAD's for
+    2026 (training_plan.PRETRAIN_DEFAULTS)."""
 
     output_dir: str = field(default="runs/pretrain", metadata={
         "help": "checkpoints and the final model: a new or empty folder or one of this stage's runs "
@@ -58,17 +77,19 @@ class PretrainArguments:
     max_seq_len: int = field(default=2048, metadata={"help": "context length T"})
     window_pattern: str | None = field(default=None, metadata={"help": "S/L window pattern (2026 default SSSL)"})
     device_batch_size: int = field(default=32, metadata={"help": "sequences per GPU per micro-step"})
-    total_batch_size: int = field(default=-1, metadata={"help": "tokens per optimizer step; -1 derives it"})
-    target_param_data_ratio: float = field(default=12.0, metadata={"help": "tokens : scaling-params ratio"})
+    total_batch_size: int | None = _generation_default("total_batch_size", "tokens per optimizer step; -1 derives it")
+    target_param_data_ratio: float | None = _generation_default(
+        "target_param_data_ratio", "tokens : params ratio (2025: every parameter; 2026: scaling parameters)")
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 derives them from the ratio"})
-    embedding_lr: float = field(default=0.3, metadata={"help": "AdamW LR of the token embedding"})
-    unembedding_lr: float = field(default=0.008, metadata={"help": "AdamW LR of lm_head"})
+    embedding_lr: float | None = _generation_default("embedding_lr", "AdamW LR of the token embedding")
+    unembedding_lr: float | None = _generation_default("unembedding_lr", "AdamW LR of lm_head")
     matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the block matrices"})
-    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW LR of the resid/x0 lambdas"})
-    weight_decay: float = field(default=0.28, metadata={"help": "Muon weight decay at the d12 reference"})
-    warmup_steps: int = field(default=40, metadata={"help": "linear LR warmup steps"})
-    warmdown_ratio: float = field(default=0.65, metadata={"help": "fraction of the run spent in LR warmdown"})
-    final_lr_frac: float = field(default=0.05, metadata={"help": "LR multiplier at the end of the warmdown"})
+    scalar_lr: float = field(default=0.5, metadata={"help": "AdamW LR of the resid/x0 lambdas (2026 only)"})
+    weight_decay: float | None = _generation_default(
+        "weight_decay", "Muon weight decay at the d12 reference (2025: must be 0, ORIG's Muon has none)")
+    warmup_steps: int | None = _generation_default("warmup_steps", "linear LR warmup steps")
+    warmdown_ratio: float | None = _generation_default("warmdown_ratio", "fraction of the run spent in LR warmdown")
+    final_lr_frac: float | None = _generation_default("final_lr_frac", "LR multiplier at the end of the warmdown")
     eval_every: int = field(default=250, metadata={"help": "steps between val bits-per-byte evaluations; -1 off"})
     eval_tokens: int = field(default=80 * 524288, metadata={"help": "validation tokens per evaluation"})
     save_every: int = field(default=-1, metadata={"help": "steps between checkpoints; -1: only at the end"})
@@ -86,6 +107,10 @@ class PretrainArguments:
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "torchao float8 recipe: tensorwise or rowwise"})
 
     def __post_init__(self) -> None:
+        check_choice(self, "generation", ("2025", "2026"))
+        for name, value in PRETRAIN_DEFAULTS[self.generation].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         # Refused when parsed, before anything loads; -1 means "derive it" (nanochat's base_train) or "off".
         check_bounds(self, {
             "depth": Bound(low=1), "head_dim": Bound(low=1), "max_seq_len": Bound(low=1),
@@ -99,8 +124,10 @@ class PretrainArguments:
         })
         if self.num_iterations == -1:  # the number of steps comes from the ratio
             check_bounds(self, {"target_param_data_ratio": Bound(above=0)})
-        check_choice(self, "generation", ("2025", "2026"))
         check_choice(self, "fp8_recipe", FP8_RECIPES)
+        if self.generation == "2025" and self.init_from is None and self.weight_decay != 0:
+            raise UsageError(f"--weight_decay {self.weight_decay}: generation 2025 trains with nanochat ORIG's Muon, "
+                             "which has no weight decay; leave it unset or pass 0")
         if self.total_batch_size != -1 and self.init_from is None:
             # a fresh model's context is max_seq_len: a step that whole micro-steps cannot fill fails here, not
             # after the model is built; the launcher's WORLD_SIZE counts the processes
@@ -125,10 +152,12 @@ def prepare_for_training(model: NanoChatForCausalLM, run: PretrainArguments, dev
 
 class NanoChatOptimizerFactory:
     """`Trainer(optimizer_cls_and_kwargs=(NanoChatOptimizerFactory, kwargs))`: the Trainer calls it with the model.
-    `ortho_dtype` is Muon's (`orthogonalization_dtype` of the run's mixed precision); the rest goes to the groups."""
+    `ortho_dtype` is Muon's (`orthogonalization_dtype` of the run's mixed precision); the rest goes to the groups.
+    The optimizer is that of the model's generation (`nanochat_optimizer`): ORIG's for 2025, HEAD's for 2026, in
+    every stage that builds it here."""
 
     def __call__(self, model: NanoChatForCausalLM, ortho_dtype: torch.dtype | None = None, **kwargs) -> MuonAdamW:
-        return MuonAdamW(nanochat_param_groups(model, **kwargs), ortho_dtype=ortho_dtype)
+        return nanochat_optimizer(model, ortho_dtype=ortho_dtype, **kwargs)
 
 
 class PretrainTrainer(Trainer):
@@ -143,14 +172,19 @@ class PretrainTrainer(Trainer):
         self.throughput = Throughput(plan.total_batch_size, self.model.estimate_flops_per_token(), self.args.world_size)
 
     # --- optimization: nanochat's own -------------------------------------------------------------------------
-    schedule_cls = NanoChatSchedule  # midtraining holds Muon's momentum differently
+    # None: base_train's Muon schedules for the model's generation (PRETRAIN_SCHEDULES); midtraining names its own
+    schedule_cls: type[NanoChatSchedule] | None = None
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = self.schedule_cls(
-                optimizer or self.optimizer, total_steps=num_training_steps, warmup_steps=self.run.warmup_steps,
-                warmdown_ratio=self.run.warmdown_ratio, final_lr_frac=self.run.final_lr_frac,
-            )
+            optimizer = optimizer or self.optimizer
+            lr = dict(total_steps=num_training_steps, warmup_steps=self.run.warmup_steps,
+                      warmdown_ratio=self.run.warmdown_ratio, final_lr_frac=self.run.final_lr_frac)
+            if self.schedule_cls is None:
+                muon = PRETRAIN_SCHEDULES[self.model.config.generation]
+                self.lr_scheduler = NanoChatSchedule(optimizer, **lr, **muon)
+            else:
+                self.lr_scheduler = self.schedule_cls(optimizer, **lr)
         return self.lr_scheduler
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -430,6 +464,9 @@ def train(run: PretrainArguments) -> Path:
     world, rank = training_args.world_size, training_args.process_index
     tokenizer = load_tokenizer(run.tokenizer)
     model = build_pretrain_model(run, tokenizer)
+    if model.config.generation != run.generation:  # the defaults resolved from --generation must be the model's
+        raise UsageError(f"--init_from {run.init_from} is a generation-{model.config.generation} model: add "
+                         f"--generation {model.config.generation}, whose nanochat recipe it trains with")
     prepare_for_training(model, run, training_args.device)
     plan = plan_training(
         model.config, device_batch_size=run.device_batch_size, world_size=world,
@@ -481,6 +518,9 @@ def train(run: PretrainArguments) -> Path:
         staged = final.with_name("final.tmp")
         trainer.save_model(str(staged))
         tokenizer.save_pretrained(staged)
+        # what HEAD's SFT reads from the base model's folder: the optimizer to warm-start, the settings to inherit
+        save_optimizer_state(trainer.optimizer, staged)
+        write_run_record(staged, "pretrain", asdict(run), asdict(plan))
         publish_folder(staged, final)
     trainer.accelerator.wait_for_everyone()
     return final

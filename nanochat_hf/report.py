@@ -38,6 +38,8 @@ NANOCHAT_D20_TIMES = {
     "tokenizer": "~1.6 min", "pretrain": "~3h10m", "eval_base": "5.4 min", "midtrain": "13.0 min",
     "eval_mid": "5.7 min", "sft": "6.9 min", "eval_sft": "5.9 min", "rl": "43.4 min", "eval_rl": "2.5 min",
 }
+PIPELINE_NOTES = {"2025": "nanochat's October 2025 pipeline: pretraining, midtraining, SFT",
+                  "2026": "nanochat HEAD's: pretraining, then SFT from the base model; no midtraining"}
 DEFAULT_GPU_HOUR_USD = 3.0  # nanochat's H100 rate: an 8-GPU node at $24/h
 DEFAULT_GPUS = 8
 
@@ -667,6 +669,9 @@ def write_report(
     lines = ["# nanochat-hf training report", "",
              f"- Generated: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
              f"- Run folder: `{run_dir.resolve()}`", f"- Tier: {tier or DASH}", f"- Run started: {started or DASH}"]
+    pipeline = _get(speedrun, "pipeline")
+    if pipeline:
+        lines.append(f"- Pipeline: {pipeline} ({PIPELINE_NOTES.get(pipeline, DASH)})")
     spec = _get(speedrun, "spec")
     if isinstance(spec, dict) and spec:
         lines.append("- Tier settings: " + ", ".join(f"{k}={v}" for k, v in spec.items()))

@@ -1,6 +1,11 @@
-"""The speedrun: every stage of the pipeline, in order, into one run folder.
+"""The speedrun: every stage of the pipeline, in order, into one run folder. Two pipelines, nanochat's two:
 
-    corpus -> tokenizer -> pretrain -> eval base -> midtrain -> eval mid -> SFT -> eval sft -> (RL -> eval rl) -> report
+    2025: corpus -> tokenizer -> pretrain -> eval base -> midtrain -> eval mid -> SFT -> eval sft -> (RL) -> report
+    2026: corpus -> tokenizer -> pretrain -> eval base -> SFT from the base model -> eval sft -> (RL) -> report
+
+The 2026 pipeline is nanochat HEAD's (runs/speedrun.sh): no midtraining, SFT packed and warm-started from
+pretraining's optimizer (recipes/<tier>/sft-2026.yaml). The GPU tiers default to it; the CPU tier keeps the 2025
+pipeline (docs/benchmarks.md has the measurement behind that choice).
 
 Each training or evaluation stage runs as its own process, exactly the command a user would type (under
 `accelerate launch` on GPU tiers; `recipes/<tier>/speedrun.sh` spells them out), with its output tee'd into
@@ -49,20 +54,30 @@ class Tier:
     eval_max_per_task: int = -1
     eval_bpb_tokens: int = 40 * 524288  # per split, as nanochat HEAD's base_eval --split-tokens
     gpu: bool = True
+    pipeline: str = "2026"  # the default of --pipeline
 
 
 TIERS: dict[str, Tier] = {
     # The embedded corpus (CPython's own docs), the project's own chat data, offline evaluations.
     "cpu": Tier(vocab_size=8192, tokenizer_max_chars=None, pretraining_text="embedded", eval_max_per_task=32,
-                eval_bpb_tokens=65536, gpu=False),
+                eval_bpb_tokens=65536, gpu=False, pipeline="2025"),
     "d12": Tier(vocab_size=32768),
     "d20": Tier(vocab_size=32768),
+    # nanochat HEAD's runs/speedrun.sh: GPT-2's CORE in about 1.65 h on 8xH100 (FP8); 2026 pipeline only
+    "d24": Tier(vocab_size=32768),
     "d26": Tier(vocab_size=32768),
     "d32": Tier(vocab_size=32768),
 }
 
 # model folder and evaluation stage of each training stage
 MODELS = {"pretrain": "base", "midtrain": "mid", "sft": "sft", "rl": "rl"}
+PIPELINES: dict[str, tuple[str, ...]] = {"2025": ("pretrain", "midtrain", "sft"), "2026": ("pretrain", "sft")}
+# the recipe file of a stage, by pipeline, where it is not <stage>.yaml
+RECIPE_FILES = {("2026", "sft"): "sft-2026.yaml"}
+
+
+def recipe_file(tier: str, pipeline: str, stage: str) -> Path:
+    return RECIPES / tier / RECIPE_FILES.get((pipeline, stage), f"{stage}.yaml")
 
 
 class StageFailed(RuntimeError):
@@ -107,6 +122,7 @@ def run_speedrun(
     corpus: str | None = None,
     max_steps: int | None = None,
     rl: bool = False,
+    pipeline: str | None = None,
     accelerate_config: str | None = None,
     eval_max_per_task: int | None = None,
     eval_max_tokens: int | None = None,
@@ -115,20 +131,33 @@ def run_speedrun(
 
     `corpus` replaces the tier's pretraining text (a folder of parquet/jsonl/txt files or a Hub id); `max_steps`
     caps every training stage and `eval_max_per_task` / `eval_max_tokens` the evaluations (a smoke run); `rl` adds
-    the GRPO stage.
+    the GRPO stage; `pipeline` ("2025" or "2026"; default: the tier's) chooses the stages.
     """
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
     if not (RECIPES / tier / "pretrain.yaml").exists():
         raise FileNotFoundError(f"{RECIPES / tier} not found: run the speedrun from a checkout of nanochat-hf")
     spec = TIERS[tier]
+    pipeline = spec.pipeline if pipeline is None else pipeline
+    if pipeline not in PIPELINES:
+        raise ValueError(f"--pipeline {pipeline!r}: use 2025 (midtraining, then SFT) or 2026 (nanochat HEAD's: SFT "
+                         "from the base model)")
+    stages = PIPELINES[pipeline] + (("rl",) if rl else ())
+    missing = [recipe_file(tier, pipeline, name).name for name in stages if not recipe_file(tier, pipeline, name).exists()]
+    if missing:
+        other = next(p for p in PIPELINES if p != pipeline)
+        raise ValueError(f"--pipeline {pipeline}: recipes/{tier} has no {', '.join(missing)}; tier {tier} runs "
+                         f"--pipeline {other}")
     prefix = launcher(spec, accelerate_config)
     # an earlier run in run_dir is continued (finished stages skipped); a folder holding anything else is refused
     run_dir = check_run_folder(Path(run_dir).resolve(), inputs=[corpus], flag="--run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = run_dir / "speedrun.json"
     log: dict = json.loads(log_file.read_text()) if log_file.exists() else {}
-    log.update(tier=tier, spec=asdict(spec), device="cuda" if torch.cuda.is_available() else "cpu",
+    if log.get("pipeline", pipeline) != pipeline:
+        raise ValueError(f"{run_dir} holds a speedrun of --pipeline {log['pipeline']}; continue it with that "
+                         "pipeline, or pass another --run-dir")
+    log.update(tier=tier, pipeline=pipeline, spec=asdict(spec), device="cuda" if torch.cuda.is_available() else "cpu",
                gpus=torch.cuda.device_count(), python=platform.python_version())
     log.setdefault("started", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     log.setdefault("git", git_state(ROOT))  # the code the run started with, not the checkout at report time
@@ -179,7 +208,7 @@ def run_speedrun(
     def training_stage(name: str, init_from: Path | None) -> Callable[[], None]:
         def run() -> None:
             work = run_dir / "train" / name
-            argv = ["--config", str(RECIPES / tier / f"{name}.yaml"), "--output_dir", str(work)]
+            argv = ["--config", str(recipe_file(tier, pipeline, name)), "--output_dir", str(work)]
             if name == "pretrain":
                 argv += ["--tokenizer", str(tokenizer_dir), "--dataset", data_source()]
             else:
@@ -214,9 +243,7 @@ def run_speedrun(
     stage("corpus", corpus_dir, corpus_stage)
     stage("tokenizer", tokenizer_dir, tokenizer_stage)
     previous = None
-    for name in ("pretrain", "midtrain", "sft", "rl"):
-        if name == "rl" and not rl:
-            break
+    for name in stages:
         model = MODELS[name]
         stage(name, run_dir / model, training_stage(name, previous))
         stage(f"eval_{model}", run_dir / model / f"eval_{model}.json", eval_stage(model))

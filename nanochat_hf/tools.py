@@ -70,6 +70,19 @@ class _Refused(Exception):
     """The expression uses something the calculator does not evaluate."""
 
 
+MAX_NESTING = 2500
+
+
+def _nesting_depth(node: ast.AST) -> int:
+    """How deep the syntax tree nests, walked with an explicit stack (the tree may be thousands of levels deep)."""
+    deepest, todo = 0, [(node, 1)]
+    while todo:
+        node, depth = todo.pop()
+        deepest = max(deepest, depth)
+        todo += [(child, depth + 1) for child in ast.iter_child_nodes(node)]
+    return deepest
+
+
 def _arithmetic(node: ast.AST) -> int | float:
     """Numbers under + - * / // and unary +/-, evaluated with an explicit stack: `1+1+...+1` nests as deep as it is
     long, and nanochat's `eval` takes chains of thousands."""
@@ -139,9 +152,13 @@ def calculate(expr: str) -> str | None:
         return None
     source = expr.lstrip(" ")  # as `eval` does
     try:
-        value = evaluate(ast.parse(source, mode="eval").body)
-        # Where nanochat's eval could not compile the expression (a chain thousands of operators long), it answers
-        # None: compiling it (never running it) draws the same line here.
+        tree = ast.parse(source, mode="eval").body
+        # nanochat's eval cannot compile a chain thousands of operators deep, and answers None. Where that line
+        # falls depends on the recursion limit (x3 for the compiler; 1,000 by default, raised by torch.compile) and
+        # on the caller's stack, so it is drawn here at a fixed depth that the default limit compiles.
+        if _nesting_depth(tree) > MAX_NESTING:
+            return None
+        value = evaluate(tree)
         compile(source, "<calculator>", "eval", dont_inherit=True)
         return str(value)  # ValueError past Python's digit limit, where nanochat's engine would raise
     except (_Refused, SyntaxError, ValueError, ArithmeticError, RecursionError, MemoryError):

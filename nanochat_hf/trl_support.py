@@ -76,7 +76,7 @@ class NanoChatTRLMixin:
         if self.lr_scheduler is None:
             self.lr_scheduler = NanoChatSchedule(
                 optimizer or self.optimizer, total_steps=num_training_steps, warmup_steps=0, warmdown_ratio=1.0,
-                final_lr_frac=0.0, momentum_schedule=False, weight_decay_schedule=False,
+                final_lr_frac=0.0, momentum_schedule=None, weight_decay_schedule=False,
             )
         return self.lr_scheduler
 

@@ -297,7 +297,7 @@ def test_recipes_pass_validation():
     recipes = sorted(root.glob("*/*.yaml"))
     assert recipes
     for recipe in recipes:
-        parsers[recipe.stem](["--config", str(recipe)])
+        parsers[recipe.stem.removesuffix("-2026")](["--config", str(recipe)])
 
 
 def test_whitespace_only_text_trains_no_tokenizer():

@@ -178,8 +178,9 @@ def test_other_metric_names_and_gpu_cost(tmp_path):
     stages = {"pretrain": {"seconds": 2 * 3600.0}, "sft": {"seconds": 1800.0}, "rl": {"seconds": 1800.0}}
     git = {"commit": "0123456789abcdef0123", "branch": "speed", "dirty": True, "message": "the run's code"}
     (run_dir / "speedrun.json").write_text(json.dumps({"tier": "d20", "device": "cuda", "gpus": 8, "stages": stages,
-                                                       "git": git}))
+                                                       "git": git, "pipeline": "2026"}))
     text = report.write_report(run_dir, gpu_hour_usd=3.0).read_text()
+    assert "- Pipeline: 2026 (nanochat HEAD's: pretraining, then SFT from the base model; no midtraining)" in text
     assert _row(text, "GSM8K") == ["—", "—", "—", "0.2500"] and _row(text, "ChatCORE") == ["—"] * 4
     assert _row(text, "Ends its turn") == ["—", "—", "—", "0.5000"]
     assert _row(text, "Calls the calculator") == ["—", "—", "—", "0.7500"]

@@ -177,7 +177,7 @@ def test_accelerate_launch_runs_real_steps(tiny_checkpoint, tmp_path, config):
          str(ROOT / "accelerate_configs" / f"{config}.yaml"), "-m", "nanochat_hf.sft",
          "--config", str(ROOT / "recipes/cpu/sft.yaml"), "--init_from", str(tiny_checkpoint), "--conversations", data,
          "--output_dir", str(out), "--num_iterations", "2", "--device_batch_size", "2",
-         "--target_examples_per_step", "4", "--val_rows", "0", "--log_every", "1"],
+         "--target_examples_per_step", "4", "--eval_every", "-1", "--log_every", "1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
     )

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat_hf.cli import PASS_THROUGH, build_parser, main
-from nanochat_hf.speedrun import ROOT, TIERS, run_speedrun
+from nanochat_hf.sft import parse_sft_args
+from nanochat_hf.speedrun import PIPELINES, ROOT, TIERS, recipe_file, run_speedrun
 
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -94,14 +95,34 @@ def test_gpu_tiers_say_what_to_do_without_a_gpu(tmp_path):
 def test_speedrun_scripts_run_every_stage_with_the_tiers_recipes(tier):
     script = (ROOT / "recipes" / tier / "speedrun.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "recipes" / tier / "speedrun.sh")]).returncode == 0
-    for stage in ("pretrain", "midtrain", "sft", "rl"):
-        assert f"nanochat_hf.{stage} --config recipes/{tier}/{stage}.yaml" in script
-        assert (ROOT / "recipes" / tier / f"{stage}.yaml").exists()
-    for stage in ("base", "mid", "sft", "rl"):
+    pipelines = [p for p in PIPELINES if all(recipe_file(tier, p, stage).exists() for stage in PIPELINES[p])]
+    # the GPU tiers default to nanochat HEAD's pipeline, the CPU tier to 2025; d24 is HEAD's speedrun alone
+    assert TIERS[tier].pipeline == ("2025" if tier == "cpu" else "2026")
+    assert pipelines == (["2026"] if tier == "d24" else ["2025", "2026"])
+    for pipeline in pipelines:
+        for stage in (*PIPELINES[pipeline], "rl"):
+            recipe = recipe_file(tier, pipeline, stage)
+            assert recipe.exists(), recipe
+            if tier != "cpu":  # the CPU tier's script is the 2025 pipeline's only
+                assert f"nanochat_hf.{stage} --config recipes/{tier}/{recipe.name}" in script, recipe.name
+        sft = parse_sft_args(["--config", str(recipe_file(tier, pipeline, "sft"))])
+        assert sft.pipeline == pipeline and sft.init_from.endswith("/mid" if pipeline == "2025" else "/base")
+    for stage in ("base", "sft", "rl", *(("mid",) if "2025" in pipelines else ())):
         assert f"eval --model \"$RUN/{stage}\" --stage {stage}" in script
     assert "nanochat-hf report" in script
     if tier != "cpu":
         assert "accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml" in script
+
+
+def test_the_d24_tier_is_heads_speedrun():
+    """runs/speedrun.sh at HEAD: base_train --depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8."""
+    from nanochat_hf.pretrain import parse_args
+
+    run = parse_args(["--config", str(ROOT / "recipes/d24/pretrain.yaml")])
+    assert (run.depth, run.target_param_data_ratio, run.device_batch_size) == (24, 8, 16)
+    assert (run.fp8, run.fp8_recipe, run.generation, run.max_seq_len) == (True, "tensorwise", "2026", 2048)
+    with pytest.raises(ValueError, match="recipes/d24 has no midtrain.yaml"):
+        run_speedrun("d24", ROOT / "runs-never-written", pipeline="2025")
 
 
 def test_init_command(tmp_path):

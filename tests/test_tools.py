@@ -108,6 +108,19 @@ def test_calculator_refuses_everything_else(expr):
     assert calculate(expr) is None
 
 
+@pytest.mark.parametrize("limit", [1000, 20_000])
+def test_the_depth_line_does_not_move_with_the_recursion_limit(limit):
+    """torch.compile raises the recursion limit, and with it the depth Python's compiler takes: the calculator's
+    answer must not depend on which library ran first in the process."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        assert calculate("1+" * 3000 + "1") is None
+        assert calculate("1+" * 2000 + "1") == "2001"
+    finally:
+        sys.setrecursionlimit(before)
+
+
 def _nanochat_checkout() -> Path | None:
     """A nanochat checkout to compare with: $NANOCHAT_CHECKOUT, or a `nanochat` folder beside this repository."""
     where = os.environ.get("NANOCHAT_CHECKOUT") or Path(__file__).resolve().parents[2] / "nanochat"

@@ -40,3 +40,33 @@ def test_a_ratio_without_a_token_budget_is_refused(num_iterations):
     with pytest.raises(ValueError, match="target_param_data_ratio=0.0 must be greater than 0"):
         plan_training(NanoChatConfig.from_depth(4), device_batch_size=1, world_size=1, target_param_data_ratio=0.0,
                       total_batch_size=2048, num_iterations=num_iterations)
+
+
+# nanochat ORIG (3a5e0bc) base_train, which trained the 2025 generation: N counts every parameter, the batch is a
+# fixed 524,288 tokens, iterations = 20 * N // 524,288 (nanochat-spec.md §1.5, d20 and d32 as logged).
+@pytest.mark.parametrize("depth, params, iterations", [(20, 560_988_160, 21_400), (32, 1_879_048_192, 71_680)])
+def test_2025_models_plan_by_nanochat_origs_base_train(depth, params, iterations):
+    config = NanoChatConfig.from_depth(depth, "2025")
+    assert config.vocab_size == 65_536
+    plan = plan_training(config, device_batch_size=32, world_size=8)
+    assert (plan.scaling_params, plan.num_iterations, plan.total_batch_size) == (params, iterations, 524_288)
+    assert plan.target_tokens == 20 * params and plan.total_tokens == iterations * 524_288
+    assert plan.gradient_accumulation_steps == 1  # 524,288 / (32 x 2048 x 8)
+    assert (plan.batch_lr_scale, plan.weight_decay) == (1.0, 0.0)
+    assert plan.recipe == "nanochat ORIG (3a5e0bc)"
+
+
+def test_2025_plan_scales_nothing_by_an_explicit_batch_and_refuses_weight_decay():
+    config = NanoChatConfig.from_depth(20, "2025")
+    plan = plan_training(config, device_batch_size=32, world_size=8, total_batch_size=2**20, num_iterations=100)
+    assert (plan.num_iterations, plan.total_batch_size, plan.batch_lr_scale, plan.weight_decay) == (100, 2**20, 1.0,
+                                                                                                     0.0)
+    assert plan.target_tokens == 20 * 560_988_160
+    with pytest.raises(ValueError, match="ORIG's Muon, which has no weight decay"):
+        plan_training(config, device_batch_size=32, world_size=8, weight_decay=0.28)
+
+
+def test_2026_plan_defaults_are_still_heads():
+    plan = plan_training(NanoChatConfig.from_depth(20), device_batch_size=16, world_size=8)
+    assert (plan.num_iterations, plan.total_batch_size, plan.scaling_params) == (4980, 2**20, D20)
+    assert round(plan.weight_decay, 3) == 0.100 and plan.recipe == "nanochat HEAD (92d63d4)"

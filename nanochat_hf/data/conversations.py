@@ -13,8 +13,11 @@ truncated to T+1 tokens when rendered. Targets are ``row[1:]``, ALREADY SHIFTED 
 are -100 on padding and, with ``assistant_only=True``, wherever nanochat's mask is 0 (nanochat's original
 midtraining trained on every token of the conversation, so the default keeps them all).
 
-Documents in one packed row attend to each other, as in nanochat's midtraining (varlen attention was rejected
-there); SFT does not pack at all.
+The same rule is HEAD's SFT loader (chat_sft.py's ``sft_data_generator_bos_bestfit``, with the mask on):
+:func:`pack_conversations` writes its rows as a dataset that TRL's ``SFTTrainer`` trains on.
+
+Documents in one packed row attend to each other, as in nanochat's midtraining and HEAD's SFT (varlen attention was
+rejected there); the 2025 pipeline's SFT does not pack at all.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, Sequence, Value
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
@@ -155,6 +158,12 @@ class ConversationStream:
         pad = capacity - len(ids)
         return ids + [self.bos] * pad, train + [0] * pad
 
+    def rows(self) -> Iterator[tuple[list[int], list[int]]]:
+        """Every packed row of T+1 token ids with its per-token train flags (1 = trained; padding 0), in order,
+        until the data runs out (or forever when looping)."""
+        while (row := self._next_row()) is not None:
+            yield row
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while self.max_batches is None or self.batches < self.max_batches:
             rows = []
@@ -172,3 +181,35 @@ class ConversationStream:
             labels = ids[:, 1:].masked_fill(~train[:, 1:], IGNORE_INDEX)
             self.batches += 1
             yield {"input_ids": ids[:, :-1], "labels": labels}
+
+
+def pack_conversations(rendered: Dataset, *, seq_len: int, bos_token_id: int, buffer_size: int = 100) -> Dataset:
+    """`rendered` (columns ``input_ids``, ``mask``) packed by the BOS-aligned best-fit rule into rows of
+    `seq_len` + 1 tokens: columns ``input_ids`` and ``assistant_masks`` (nanochat's mask; 0 on the BOS padding).
+    One pass, in the dataset's order; every conversation lands in exactly one row."""
+    # written to Arrow row by row (a GPU tier's mixture packs into ~10^5 rows of 2,049 ids); cached by the
+    # rendered dataset's fingerprint and the settings, so every rank and every re-run reads the same rows
+    features = Features({"input_ids": Sequence(Value("int32")), "assistant_masks": Sequence(Value("int8"))})
+    return Dataset.from_generator(_packed_rows, features=features, gen_kwargs=dict(
+        rendered=rendered, seq_len=seq_len, bos_token_id=bos_token_id, buffer_size=buffer_size))
+
+
+def _packed_rows(rendered: Dataset, seq_len: int, bos_token_id: int, buffer_size: int) -> Iterator[dict]:
+    stream = ConversationStream(rendered, seq_len=seq_len, batch_size=1, bos_token_id=bos_token_id,
+                                assistant_only=True, buffer_size=buffer_size, loop=False)
+    for ids, train in stream.rows():
+        yield {"input_ids": ids, "assistant_masks": train}
+
+
+def collate_packed_rows(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """A micro-batch of packed rows as nanochat's SFT feeds its model: inputs ``row[:-1]``, targets ``row[1:]``
+    (ALREADY SHIFTED, under transformers' name ``shift_labels``) set to -100 where the mask of the target is 0.
+    ``position_ids`` are plain 0..T-1 (no per-document reset: conversations in a row attend to each other)."""
+    ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
+    train = torch.tensor([row["assistant_masks"] for row in rows], dtype=torch.bool)
+    inputs = ids[:, :-1]
+    return {
+        "input_ids": inputs,
+        "shift_labels": ids[:, 1:].masked_fill(~train[:, 1:], IGNORE_INDEX),
+        "position_ids": torch.arange(inputs.shape[1]).expand_as(inputs),
+    }

@@ -41,7 +41,7 @@ from ..tasks.mixtures import _REPOS as HUB_REPOS
 from ..tasks.mixtures import NANOCHAT_SHUFFLE_SEED
 from ..tasks.spelling import embedded_words, simple_spelling, spelling_bee
 from ..tools import run_python
-from .chatcore import BESIDE_CHATCORE, CHATCORE_TASKS, TASK_KEYS
+from .chatcore import BESIDE_CHATCORE, CATEGORICAL_TASKS, CHATCORE_TASKS, TASK_KEYS, chatcore, chatcore_cat
 
 # nanochat's eval sets: split per Hub task; the generated tasks are evaluated on 256 items of their test split.
 HUB_SPLITS = {"arc_easy": "test", "arc_challenge": "test", "mmlu": "test", "gsm8k": "test", "humaneval": "test"}
@@ -319,6 +319,20 @@ CPU_TIER_EVALS: dict[str, Callable[..., dict]] = {
     "SimpleSpelling": _generative_runner(lambda n, d: cpu_eval_set("simplespelling", n), score_exact, "cpu"),
     "SpellingBee": _generative_runner(lambda n, d: cpu_eval_set("spellingbee", n), score_answer, "cpu"),
 }
+
+
+def measure_chatcore(model, tokenizer, *, max_categorical: int = -1, max_generative: int = 24, batch_size: int = 8,
+                     data_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """HEAD chat_sft's in-training ChatCORE (--chatcore-max-cat -1, --chatcore-max-sample 24): every task of
+    CHATCORE_TASKS on its first `max_categorical` (multiple choice) or `max_generative` (sampled) problems, -1 for
+    all. Returns each accuracy as ``chatcore/<task>`` beside ``chatcore`` and ``chatcore_cat``."""
+    accuracies = {}
+    for name in CHATCORE_TASKS:
+        limit = max_categorical if name in CATEGORICAL_TASKS else max_generative
+        accuracies[name] = HUB_CHAT_EVALS[name](model, tokenizer, max_per_task=limit, batch_size=batch_size,
+                                                data_dir=data_dir)["accuracy"]
+    return {"chatcore": chatcore(accuracies), "chatcore_cat": chatcore_cat(accuracies),
+            **{f"chatcore/{name}": accuracy for name, accuracy in accuracies.items()}}
 
 
 def format_metrics(task_results: dict[str, dict]) -> dict:

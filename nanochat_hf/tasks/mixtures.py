@@ -41,6 +41,14 @@ NANOCHAT_MIXTURES: dict[tuple[str, str], list[Part]] = {
         ("spellingbee", "train", 300),
     ],
     ("sft", "val"): [("smoltalk", "test", None)],
+    # HEAD's chat_sft (950a1dc; the 2026 pipeline, from the base model): SmolTalk + MMLU x3 (--mmlu-epochs) +
+    # GSM8K x4 (--gsm8k-epochs), about 790K rows; validated like midtraining
+    ("sft-2026", "train"): [
+        ("smoltalk", "train", None),
+        *[("mmlu", "auxiliary_train", None)] * 3,
+        *[("gsm8k", "train", None)] * 4,
+    ],
+    ("sft-2026", "val"): [("smoltalk", "test", None), ("mmlu", "test", 5200), ("gsm8k", "test", 420)],
 }
 
 # The offline CPU tier (recipes/cpu: 4,096 tokens a step). Midtraining is one pass of about 1.1M tokens with the
@@ -66,9 +74,14 @@ CPU_MIXTURES: dict[tuple[str, str], list[Part]] = {
     ],
     ("sft", "val"): [("arithmetic", "test", 100), ("simplespelling", "test", 50), ("spellingbee", "test", 50)],
 }
+# The 2026 pipeline has no midtraining: its SFT teaches the formats from the base model, on midtraining's mixture
+# (as HEAD's SFT took over nanochat's midtraining data), trained on nanochat's mask.
+CPU_MIXTURES["sft-2026", "train"] = CPU_MIXTURES["midtrain", "train"]
+CPU_MIXTURES["sft-2026", "val"] = CPU_MIXTURES["midtrain", "val"]
 
-TIERS = ("cpu", "d12", "d20", "d26", "d32")
-STAGES = ("midtrain", "sft")
+TIERS = ("cpu", "d12", "d20", "d24", "d26", "d32")
+# "sft" is the 2025 pipeline's SFT (after midtraining), "sft-2026" HEAD's (from the base model)
+STAGES = ("midtrain", "sft", "sft-2026")
 NANOCHAT_SHUFFLE_SEED = 42  # nanochat shuffles every Hub task with seed 42 before taking its first rows
 
 # Where build_mixture looks inside data_dir for local copies: `hf download <repo> --repo-type dataset

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The d20 speedrun as commands: what `nanochat-hf speedrun --tier d20` runs, stage by stage.
-# nanochat's $100 run: about 4 h on one 8xH100 node.
+# The d20 speedrun as commands: what `nanochat-hf speedrun --tier d20 --pipeline $PIPELINE` runs, stage by stage.
+# nanochat's $100 run: about 4 h on one 8xH100 node (2025 pipeline; the 2026 one skips midtraining).
 # From the repository root, after `make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`
 # (a CUDA build of torch) and `hf auth login` if the datasets need it. Each training stage resumes from its
 # last checkpoint when run again.
+# PIPELINE=2026 (the default) is nanochat HEAD's: SFT straight from the base model; PIPELINE=2025 midtrains first.
 set -euo pipefail
 RUN=${RUN:-runs/d20}
+PIPELINE=${PIPELINE:-2026}
 DATA=karpathy/climbmix-400b-shuffle
 LAUNCH=(accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml --num_processes "${GPUS:-8}" -m)
 mkdir -p "$RUN/logs"
@@ -14,21 +16,27 @@ mkdir -p "$RUN/logs"
 nanochat-hf tokenizer train --data "$DATA" --vocab-size 32768 --max-chars 2000000000 --out "$RUN/tokenizer" \
   | tee "$RUN/logs/tokenizer.log"
 
-# 2. pretraining on the Trainer with Muon, then CORE + bits per byte
+# 2. pretraining on the Trainer with Muon, then CORE + bits per byte. Its final folder keeps optimizer.pt and
+# run_args.json, which the 2026 pipeline's SFT warm-starts from and inherits its batch and LRs from.
 "${LAUNCH[@]}" nanochat_hf.pretrain --config recipes/d20/pretrain.yaml --output_dir "$RUN/train/pretrain" \
   --tokenizer "$RUN/tokenizer" --dataset "$DATA" --resume true | tee "$RUN/logs/pretrain.log"
 mv "$RUN/train/pretrain/final" "$RUN/base"
 nanochat-hf eval --model "$RUN/base" --stage base --bpb-data "$DATA" | tee "$RUN/logs/eval_base.log"
 
-# 3. midtraining on the conversation mixture, then the chat evaluations
-"${LAUNCH[@]}" nanochat_hf.midtrain --config recipes/d20/midtrain.yaml --output_dir "$RUN/train/midtrain" \
-  --init_from "$RUN/base" --resume true | tee "$RUN/logs/midtrain.log"
-mv "$RUN/train/midtrain/final" "$RUN/mid"
-nanochat-hf eval --model "$RUN/mid" --stage mid | tee "$RUN/logs/eval_mid.log"
-
-# 4. SFT through TRL
-"${LAUNCH[@]}" nanochat_hf.sft --config recipes/d20/sft.yaml --output_dir "$RUN/train/sft" \
-  --init_from "$RUN/mid" | tee "$RUN/logs/sft.log"
+if [[ "$PIPELINE" == 2025 ]]; then
+  # 3. midtraining on the conversation mixture, then the chat evaluations
+  "${LAUNCH[@]}" nanochat_hf.midtrain --config recipes/d20/midtrain.yaml --output_dir "$RUN/train/midtrain" \
+    --init_from "$RUN/base" --resume true | tee "$RUN/logs/midtrain.log"
+  mv "$RUN/train/midtrain/final" "$RUN/mid"
+  nanochat-hf eval --model "$RUN/mid" --stage mid | tee "$RUN/logs/eval_mid.log"
+  # 4. SFT through TRL: one conversation a row, LRs x 0.02
+  "${LAUNCH[@]}" nanochat_hf.sft --config recipes/d20/sft.yaml --output_dir "$RUN/train/sft" \
+    --init_from "$RUN/mid" | tee "$RUN/logs/sft.log"
+else
+  # 3-4. HEAD's SFT through TRL, straight from the base model: packed rows, the optimizer warm-started
+  "${LAUNCH[@]}" nanochat_hf.sft --config recipes/d20/sft-2026.yaml --output_dir "$RUN/train/sft" \
+    --init_from "$RUN/base" | tee "$RUN/logs/sft.log"
+fi
 mv "$RUN/train/sft/final" "$RUN/sft"
 nanochat-hf eval --model "$RUN/sft" --stage sft | tee "$RUN/logs/eval_sft.log"
 
