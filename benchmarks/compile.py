@@ -21,7 +21,7 @@ import torch
 from train_step import load_average, machine  # a sibling script
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
-from nanochat_hf.optim import MuonAdamW, nanochat_param_groups
+from nanochat_hf.training.optim import MuonAdamW, nanochat_param_groups
 
 
 def build(args: argparse.Namespace) -> NanoChatForCausalLM:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanochat_hf.data.embedded import embedded_corpus  # noqa: E402
 from nanochat_hf.evaluation.bundle import load_core_tasks, load_task_data  # noqa: E402
 from nanochat_hf.evaluation.core import build_requests, score_requests, verdict  # noqa: E402
-from nanochat_hf.init_model import build_model  # noqa: E402
-from nanochat_hf.tokenizer import train_tokenizer  # noqa: E402
+from nanochat_hf.tokenizer.bpe import train_tokenizer  # noqa: E402
+from nanochat_hf.training.init_model import build_model  # noqa: E402
 from tests.conftest import randomize  # noqa: E402
 from tests.core_fixtures import write_bundle  # noqa: E402
 

@@ -7,7 +7,7 @@
 # typer, tqdm and packaging, but no torchao. So we carry:
 #   transformers 5.24.0  the version we develop against (the project needs >= 5.23; its cache keyword changed in 5.24)
 #   regex                transformers 5.24 checks regex >= 2025.10.22 at import; the image's version is not recorded
-#   torchao 0.18.0       fp8 training (nanochat_hf.fp8); 0.18 is the release built against torch 2.11
+#   torchao 0.18.0       fp8 training (nanochat_hf.training.fp8); 0.18 is the release built against torch 2.11
 # Everything else transformers 5.24 requires (huggingface-hub >= 1.31, tokenizers >= 0.23.1, < 0.24,
 # safetensors >= 0.8.0, numpy, packaging, pyyaml, tqdm, typer) is on the image in a version it accepts.
 # Not carried:

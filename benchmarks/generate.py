@@ -1,4 +1,4 @@
-"""Generation speed of `nanochat_hf.engine.Engine` against `model.generate` with transformers' DynamicCache.
+"""Generation speed of `nanochat_hf.inference.engine.Engine` against `model.generate` with transformers' DynamicCache.
 
 Same model, same prompt, greedy decoding, exactly `--new-tokens` tokens per row (stop tokens are ignored on both
 sides so both do the same work; the tokens are checked to be identical). For batch 1 and batch 8 (eight samples of
@@ -22,8 +22,8 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
-from nanochat_hf.engine import Engine
-from nanochat_hf.tokenizer import SPECIAL_TOKENS, tokenizer_from_merges
+from nanochat_hf.inference.engine import Engine
+from nanochat_hf.tokenizer.bpe import SPECIAL_TOKENS, tokenizer_from_merges
 
 
 class FirstTokenClock(BaseStreamer):

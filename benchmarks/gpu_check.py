@@ -17,7 +17,7 @@ as skipped with the reason. A variant that runs out of memory at `--batch` seque
 half as many and gradient accumulation, so it still steps on the same `--batch` rows. A variant is not started when
 it would end after `--budget-s` (less the time kept for the decode benchmark); it is listed as "skipped: budget".
 
-Then decode tokens/s of `nanochat_hf.engine.Engine` against `model.generate` (DynamicCache) at batch 1 and 8: bf16
+Then decode tokens/s of `nanochat_hf.inference.engine.Engine` against `model.generate` (DynamicCache) at batch 1 and 8: bf16
 weights, greedy, exactly `--new-tokens` tokens per row (stop tokens ignored on both sides), as benchmarks/generate.py
 measures on CPU.
 
@@ -64,8 +64,8 @@ import transformers  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM  # noqa: E402
-from nanochat_hf.optim import MuonAdamW, nanochat_param_groups  # noqa: E402
-from nanochat_hf.training_plan import gpu_peak_flops  # noqa: E402
+from nanochat_hf.training.optim import MuonAdamW, nanochat_param_groups  # noqa: E402
+from nanochat_hf.training.plan import gpu_peak_flops  # noqa: E402
 
 BACKENDS = ("sdpa", "kernels-community/flash-attn3", "flash_attention_2", "flex_attention")
 MFU_TARGET = 0.45
@@ -149,11 +149,11 @@ def backend_unavailable(name: str, device: torch.device) -> str | None:
 
 
 def fp8_unavailable(device: torch.device) -> str | None:
-    """Why fp8 training cannot run here (nanochat_hf.fp8's own check), or None."""
+    """Why fp8 training cannot run here (nanochat_hf.training.fp8's own check), or None."""
     try:
-        from nanochat_hf.fp8 import check_fp8_support
+        from nanochat_hf.training.fp8 import check_fp8_support
     except ImportError as e:
-        return f"nanochat_hf.fp8 not importable ({e})"
+        return f"nanochat_hf.training.fp8 not importable ({e})"
     try:
         check_fp8_support(device)
     except Exception as e:  # RuntimeError by its contract; an import inside it may raise others
@@ -280,7 +280,7 @@ def train_variant(setup: Setup, variant: Variant, micro_batch: int) -> dict:
     started = time.monotonic()
     model = build_model(setup, variant.backend)
     if variant.fp8:
-        from nanochat_hf.fp8 import convert_to_fp8
+        from nanochat_hf.training.fp8 import convert_to_fp8
 
         convert_to_fp8(model, recipe="tensorwise")  # before compile, which must trace the fp8 modules
     optimizer = MuonAdamW(nanochat_param_groups(model))
@@ -461,8 +461,8 @@ def time_engine(engine, prompt: list[int], batch: int, new_tokens: int, device: 
 def bench_decode(setup: Setup) -> dict:
     args, device = setup.args, setup.device
     try:
-        from nanochat_hf.engine import Engine
-        from nanochat_hf.tokenizer import SPECIAL_TOKENS, tokenizer_from_merges
+        from nanochat_hf.inference.engine import Engine
+        from nanochat_hf.tokenizer.bpe import SPECIAL_TOKENS, tokenizer_from_merges
     except ImportError as e:
         return {"status": "skipped", "reason": f"engine not importable ({first_line(e)})"}
     if args.prompt_tokens + args.new_tokens > setup.config.max_position_embeddings:

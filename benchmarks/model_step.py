@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
-from nanochat_hf.convert import builtin_config
+from nanochat_hf.hub.convert import builtin_config
 
 
 def builtin_from(ours: NanoChatForCausalLM) -> transformers.NanoChatForCausalLM:

@@ -57,7 +57,7 @@ def worker(which: str, corpus_file: str, vocab_size: int, out_file: str) -> None
     """One timed training run; writes wall and CPU seconds and the learned tokens (hex, id order) to out_file."""
     import rustbpe
 
-    from nanochat_hf.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, _token_bytes_of, train_tokenizer
+    from nanochat_hf.tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, _token_bytes_of, train_tokenizer
 
     with open(corpus_file, "rb") as f:
         texts = pickle.load(f)

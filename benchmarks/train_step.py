@@ -1,6 +1,6 @@
 """Training-step overheads, side by side in one run: the Trainer against a plain loop, and our Muon against torch's.
 
-1. Pretraining tokens/s of `nanochat_hf.pretrain.train` (PretrainTrainer on transformers' Trainer) against the same
+1. Pretraining tokens/s of `nanochat_hf.training.pretrain.train` (PretrainTrainer on transformers' Trainer) against the same
    run written as a plain PyTorch loop, as tests/test_pretrain.py::test_trainer_matches_a_plain_pytorch_loop writes
    it: same model, seed, data stream, MuonAdamW + NanoChatSchedule and gradient accumulation, no Trainer, no
    Accelerate. Start-up is excluded: each run does --steps optimizer steps and the clock covers steps
@@ -40,12 +40,12 @@ import torch._inductor.config
 import transformers
 from transformers import TrainerCallback
 
-from nanochat_hf import pretrain
 from nanochat_hf.data.embedded import embedded_corpus
 from nanochat_hf.data.pretrain import PretrainStream
-from nanochat_hf.optim import MuonAdamW, NanoChatSchedule, nanochat_param_groups
-from nanochat_hf.tokenizer import load_tokenizer, train_tokenizer
-from nanochat_hf.training_plan import plan_training
+from nanochat_hf.tokenizer.bpe import load_tokenizer, train_tokenizer
+from nanochat_hf.training import pretrain
+from nanochat_hf.training.optim import MuonAdamW, NanoChatSchedule, nanochat_param_groups
+from nanochat_hf.training.plan import plan_training
 
 TRAINER_TARGET = 0.97
 MUON_TARGET = 1.0

@@ -10,15 +10,15 @@ import argparse
 import importlib
 import sys
 
-from .convert_cli import add_convert_parser
 from .errors import DEBUG_ENV, run_command
-from .tokenizer_cli import add_tokenizer_parser
+from .hub.convert_cli import add_convert_parser
+from .tokenizer.cli import add_tokenizer_parser
 
 
 def _init_main(args: argparse.Namespace) -> None:
-    from .init_model import build_model, save_atomically
     from .output_folder import check_output_folder
-    from .tokenizer import load_tokenizer
+    from .tokenizer.bpe import load_tokenizer
+    from .training.init_model import build_model, save_atomically
 
     check_output_folder(args.out, overwrite=args.overwrite, inputs=[args.tokenizer])
     tokenizer = load_tokenizer(args.tokenizer)
@@ -47,16 +47,16 @@ def _speedrun_main(args: argparse.Namespace) -> None:
 
 # command -> (module whose `main(argv)` runs it, one-line summary)
 PASS_THROUGH = {
-    "pretrain": ("pretrain", "pretrain on the Trainer with Muon: --config recipes/<tier>/pretrain.yaml [--field value]"),
-    "midtrain": ("midtrain", "midtrain a base model on the packed conversation mixture: --config "
+    "pretrain": ("training.pretrain", "pretrain on the Trainer with Muon: --config recipes/<tier>/pretrain.yaml [--field value]"),
+    "midtrain": ("training.midtrain", "midtrain a base model on the packed conversation mixture: --config "
                  "recipes/<tier>/midtrain.yaml"),
-    "sft": ("sft", "supervised fine-tuning through TRL's SFTTrainer: --config recipes/<tier>/sft.yaml"),
-    "rl": ("rl", "RL on GSM8K through TRL's GRPOTrainer: --config recipes/<tier>/rl.yaml"),
-    "eval": ("evaluate", "evaluate a checkpoint for its stage (CORE + bpb, or the chat tasks) and write results JSON"),
-    "report": ("report", "write report.md (tables, timings, cost, loss/bpb plots) for a speedrun folder"),
-    "chat": ("chat_cli", "chat with a model in the terminal (streaming, tool use); -p PROMPT answers once"),
-    "serve": ("serve", "serve the chat Space (Gradio) locally for a model folder or repo id"),
-    "push": ("hub", "push a model (weights, code, tokenizer, model card) and optionally its Space to the Hub"),
+    "sft": ("training.sft", "supervised fine-tuning through TRL's SFTTrainer: --config recipes/<tier>/sft.yaml"),
+    "rl": ("training.rl", "RL on GSM8K through TRL's GRPOTrainer: --config recipes/<tier>/rl.yaml"),
+    "eval": ("evaluation.evaluate", "evaluate a checkpoint for its stage (CORE + bpb, or the chat tasks) and write results JSON"),
+    "report": ("evaluation.report", "write report.md (tables, timings, cost, loss/bpb plots) for a speedrun folder"),
+    "chat": ("inference.chat_cli", "chat with a model in the terminal (streaming, tool use); -p PROMPT answers once"),
+    "serve": ("inference.serve", "serve the chat Space (Gradio) locally for a model folder or repo id"),
+    "push": ("hub.push", "push a model (weights, code, tokenizer, model card) and optionally its Space to the Hub"),
 }
 
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "re-run; an interrupted pretraining or midtraining resumes from its last checkpoint. The cpu tier needs no "
         "download: it pretrains on the documentation embedded in Python itself and fine-tunes on the project's own "
         "generated conversations. GPU tiers launch each training stage with `accelerate launch` on every visible "
-        "GPU (recipes/<tier>/speedrun.sh shows the commands).",
+        "GPU (`bash recipes/speedrun.sh TIER [PIPELINE]` shows the commands).",
     )
     speedrun.add_argument("--tier", choices=["cpu", "d12", "d20", "d24", "d26", "d32"], default="cpu",
                           help="model tier")

@@ -8,7 +8,7 @@ pretraining's optimizer (recipes/<tier>/sft-2026.yaml). The GPU tiers default to
 pipeline (docs/benchmarks.md has the measurement behind that choice).
 
 Each training or evaluation stage runs as its own process, exactly the command a user would type (under
-`accelerate launch` on GPU tiers; `recipes/<tier>/speedrun.sh` spells them out), with its output tee'd into
+`accelerate launch` on GPU tiers; `recipes/speedrun.sh TIER [PIPELINE]` spells them out), with its output tee'd into
 `logs/<stage>.log`. A stage whose output exists is skipped on a re-run; an interrupted pretraining or midtraining
 resumes from its last checkpoint. The run folder:
 
@@ -36,9 +36,9 @@ import torch
 
 from .data.embedded import embedded_corpus, write_corpus_shards
 from .data.pretrain import open_text_stream
+from .evaluation.report import git_state, write_report
 from .output_folder import check_run_folder
-from .report import git_state, write_report
-from .tokenizer import train_tokenizer
+from .tokenizer.bpe import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -221,7 +221,7 @@ def run_speedrun(
                     argv += ["--eval_every", str(max_steps)]
                 if name in ("pretrain", "midtrain"):
                     argv += ["--save_every", str(max_steps)]
-            run_logged([*prefix, f"nanochat_hf.{name}", *argv], run_dir / "logs" / f"{name}.log", env)
+            run_logged([*prefix, f"nanochat_hf.training.{name}", *argv], run_dir / "logs" / f"{name}.log", env)
             (work / "final").rename(run_dir / MODELS[name])
 
         return run
@@ -235,8 +235,8 @@ def run_speedrun(
                 argv += ["--tier", "cpu"]
             if eval_max_tokens is not None:
                 argv += ["--max-tokens", str(eval_max_tokens)]
-            run_logged([sys.executable, "-m", "nanochat_hf.evaluate", *argv], run_dir / "logs" / f"eval_{model}.log",
-                       env)
+            run_logged([sys.executable, "-m", "nanochat_hf.evaluation.evaluate", *argv],
+                       run_dir / "logs" / f"eval_{model}.log", env)
 
         return run
 

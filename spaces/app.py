@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 try:
     from nanochat_engine.engine import Engine, replace_invalid_utf8  # vendored into the Space by `nanochat-hf push`
 except ImportError:  # spaces/app.py run from a checkout with nanochat-hf installed
-    from nanochat_hf.engine import Engine, replace_invalid_utf8
+    from nanochat_hf.inference.engine import Engine, replace_invalid_utf8
 
 HERE = Path(__file__).resolve().parent
 # Replies that are limit notices start with this; they are left out of the conversation the model sees.

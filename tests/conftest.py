@@ -57,8 +57,8 @@ def tiny_checkpoint(tmp_path_factory):
     read-only: copy it before changing anything in it.
     """
     from nanochat_hf.data.embedded import embedded_corpus
-    from nanochat_hf.init_model import build_model, save_atomically
-    from nanochat_hf.tokenizer import train_tokenizer
+    from nanochat_hf.tokenizer.bpe import train_tokenizer
+    from nanochat_hf.training.init_model import build_model, save_atomically
 
     tokenizer = train_tokenizer(embedded_corpus(max_chars=200_000), vocab_size=512, show_progress=False)
     torch.manual_seed(0)

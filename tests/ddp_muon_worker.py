@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat_hf import NanoChatForCausalLM
-from nanochat_hf.optim import MuonAdamW, NanoChatSchedule, nanochat_param_groups
-from nanochat_hf.pretrain import keep_local_gloo_on_loopback
+from nanochat_hf.training.optim import MuonAdamW, NanoChatSchedule, nanochat_param_groups
+from nanochat_hf.training.pretrain import keep_local_gloo_on_loopback
 
 from .conftest import randomize, tiny_config
 

@@ -15,7 +15,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from nanochat_hf import NanoChatForCausalLM
-from nanochat_hf.engine import KVCache
+from nanochat_hf.inference.engine import KVCache
 from nanochat_hf.modeling_nanochat import banded_sdpa, flex_block_mask_for_window
 
 from .conftest import CACHE_KW, randomize, tiny_config

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from nanochat_hf.chat_cli import main
-from nanochat_hf.engine import Engine
+from nanochat_hf.inference.chat_cli import main
+from nanochat_hf.inference.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def greedy_reply(engine, messages, max_tokens=12) -> str:
 
 def test_one_shot_prompt_in_a_subprocess(tiny_checkpoint, engine):
     out = subprocess.run(
-        [sys.executable, "-m", "nanochat_hf.chat_cli", "--model", str(tiny_checkpoint), "-p", "Why is the sky blue?",
+        [sys.executable, "-m", "nanochat_hf.inference.chat_cli", "--model", str(tiny_checkpoint), "-p", "Why is the sky blue?",
          "-t", "0", "--max-tokens", "12", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )

@@ -1,7 +1,7 @@
 """Chat evaluations: nanochat's categorical letter scoring against an independent restatement, the generative tasks
 against transformers' own greedy `generate`, GSM8K/HumanEval scoring on scripted completions, the chat-format metrics
 on a model wired to end its turns and call the calculator, the CPU tier end to end through `python -m
-nanochat_hf.evaluate`, and the lighteval custom tasks through the lighteval command line."""
+nanochat_hf.evaluation.evaluate`, and the lighteval custom tasks through the lighteval command line."""
 
 import glob
 import json
@@ -16,8 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nanochat_hf import evaluate
-from nanochat_hf.evaluation import chat
+from nanochat_hf.evaluation import chat, evaluate
 from nanochat_hf.tasks import load_task
 from tests.task_fixtures import HUMANEVAL, write_fixture
 
@@ -48,7 +47,7 @@ def scripted_checkpoint(tiny_checkpoint, tmp_path_factory):
     With nanochat's init the attention and MLP output projections are zero, so the final hidden state is the
     normalised embedding of the current token: the model is a bigram table, set here through the embeddings
     (orthogonal for the chain's tokens) and the lm_head rows."""
-    from nanochat_hf.init_model import build_model, save_atomically
+    from nanochat_hf.training.init_model import build_model, save_atomically
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     torch.manual_seed(0)
@@ -224,7 +223,7 @@ def _offline_env(tmp_path: Path, **extra) -> dict:
 
 def test_cpu_tier_eval_end_to_end(tmp_path, scripted_checkpoint):
     model_dir = shutil.copytree(scripted_checkpoint, tmp_path / "sft")
-    cmd = [sys.executable, "-m", "nanochat_hf.evaluate", "--model", str(model_dir), "--stage", "sft", "--tier", "cpu",
+    cmd = [sys.executable, "-m", "nanochat_hf.evaluation.evaluate", "--model", str(model_dir), "--stage", "sft", "--tier", "cpu",
            "--max-per-task", "2", "--max-tokens", "24"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)

@@ -156,7 +156,7 @@ def _nanochat_folder(folder: Path, sequence_len: int, pkl: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_checkpoint) -> Path:
-    from nanochat_hf.tokenizer import SPECIAL_TOKENS
+    from nanochat_hf.tokenizer.bpe import SPECIAL_TOKENS
 
     root = tmp_path_factory.mktemp("cli_errors")
     work = root / "work"
@@ -177,9 +177,9 @@ def workdir(tmp_path_factory, tiny_checkpoint) -> Path:
     return work
 
 
-PRELOAD = ("nanochat_hf.cli", "nanochat_hf.pretrain", "nanochat_hf.midtrain", "nanochat_hf.sft", "nanochat_hf.rl",
-           "nanochat_hf.evaluate", "nanochat_hf.hub", "nanochat_hf.convert", "nanochat_hf.tokenizer_cli",
-           "nanochat_hf.init_model", "nanochat_hf.chat_cli")
+PRELOAD = ("nanochat_hf.cli", "nanochat_hf.training.pretrain", "nanochat_hf.training.midtrain", "nanochat_hf.training.sft", "nanochat_hf.training.rl",
+           "nanochat_hf.evaluation.evaluate", "nanochat_hf.hub.push", "nanochat_hf.hub.convert", "nanochat_hf.tokenizer.cli",
+           "nanochat_hf.training.init_model", "nanochat_hf.inference.chat_cli")
 
 
 def _run_forked(rows: tuple[Row, ...], cwd: Path, env: dict[str, str]) -> tuple[list[dict], str]:
@@ -257,10 +257,10 @@ def test_debug_adds_the_traceback(row, results, workdir):
 
 
 def _parsers():
-    from nanochat_hf.midtrain import parse_midtrain_args
-    from nanochat_hf.pretrain import parse_args
-    from nanochat_hf.rl import parse_rl_args
-    from nanochat_hf.sft import parse_sft_args
+    from nanochat_hf.training.midtrain import parse_midtrain_args
+    from nanochat_hf.training.pretrain import parse_args
+    from nanochat_hf.training.rl import parse_rl_args
+    from nanochat_hf.training.sft import parse_sft_args
 
     return {"pretrain": parse_args, "midtrain": parse_midtrain_args, "sft": parse_sft_args, "rl": parse_rl_args}
 
@@ -301,7 +301,7 @@ def test_recipes_pass_validation():
 
 
 def test_whitespace_only_text_trains_no_tokenizer():
-    from nanochat_hf.tokenizer import train_tokenizer
+    from nanochat_hf.tokenizer.bpe import train_tokenizer
 
     with pytest.raises(ValueError, match="no text to train on"):
         train_tokenizer(["", " \n ", "\t"], vocab_size=300, show_progress=False)

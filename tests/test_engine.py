@@ -13,9 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from nanochat_hf.engine import Engine, KVCache, Utf8Stream
-from nanochat_hf.init_model import build_model
-from nanochat_hf.tokenizer import load_tokenizer
+from nanochat_hf.inference.engine import Engine, KVCache, Utf8Stream
+from nanochat_hf.tokenizer.bpe import load_tokenizer
+from nanochat_hf.training.init_model import build_model
 
 from .conftest import CACHE_KW
 from .hub_cache import populate_hub_cache
@@ -285,7 +285,7 @@ def test_vendored_engine_loads_a_repo_id_without_nanochat_hf(tiny_checkpoint, en
     from an offline Hub cache) with its remote code, and nanochat_hf not installed."""
     vendor = tmp_path / "vendor" / "space_engine"
     vendor.mkdir(parents=True)
-    package = os.path.dirname(sys.modules["nanochat_hf.engine"].__file__)
+    package = os.path.dirname(sys.modules["nanochat_hf.inference.engine"].__file__)
     for name in ("engine.py", "tools.py"):
         shutil.copy(os.path.join(package, name), vendor / name)
     (vendor / "__init__.py").write_text("")
@@ -312,7 +312,7 @@ def test_vendored_engine_loads_a_repo_id_without_nanochat_hf(tiny_checkpoint, en
 def test_engine_and_tools_import_only_torch_transformers_and_each_other():
     import ast
 
-    package = os.path.dirname(sys.modules["nanochat_hf.engine"].__file__)
+    package = os.path.dirname(sys.modules["nanochat_hf.inference.engine"].__file__)
     allowed = {"torch", "transformers"} | set(sys.stdlib_module_names)
     for name in ("engine.py", "tools.py"):
         tree = ast.parse(open(os.path.join(package, name)).read())

@@ -7,10 +7,10 @@ import shutil
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nanochat_hf import evaluate
 from nanochat_hf.data.pretrain import PretrainStream, evaluate_bpb
+from nanochat_hf.evaluation import evaluate
 from nanochat_hf.evaluation.core import evaluate_core
-from nanochat_hf.tokenizer import token_bytes
+from nanochat_hf.tokenizer.bpe import token_bytes
 from tests.core_fixtures import write_bundle
 
 LABELS = ["copa", "winograd", "lambada_openai"]
@@ -120,7 +120,7 @@ def test_lighteval_results_give_the_same_chatcore():
 def test_chat_stage_writes_chatcore_with_spellingbee_beside(tmp_path, tiny_checkpoint, monkeypatch, capsys):
     """`nanochat-hf eval --stage sft` on the Hub tier, its runners replaced by ones with known accuracies (the real
     runners need the Hub datasets; tests/test_chat_eval.py runs them on fixtures)."""
-    from nanochat_hf.evaluation import chat  # registers the real runners first, so the stand-ins below stay alone
+    from nanochat_hf.evaluation import chat
 
     accuracies = {**ACCURACY, "SpellingBee": 0.9}
     assert set(chat.HUB_CHAT_EVALS) == set(accuracies)
@@ -128,7 +128,7 @@ def test_chat_stage_writes_chatcore_with_spellingbee_beside(tmp_path, tiny_check
     def fixed(name):
         return lambda model, tokenizer, max_per_task, **kwargs: {"accuracy": accuracies[name], "examples": 4}
 
-    monkeypatch.setattr(evaluate, "CHAT_EVALS", {name: fixed(name) for name in accuracies})
+    monkeypatch.setattr(chat, "HUB_CHAT_EVALS", {name: fixed(name) for name in accuracies})
     out = tmp_path / "eval_sft.json"
     evaluate.main(["--model", str(tiny_checkpoint), "--stage", "sft", "--max-per-task", "4", "--output", str(out)])
     printed = capsys.readouterr().out

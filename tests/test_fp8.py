@@ -1,4 +1,4 @@
-"""FP8 training through torchao (`nanochat_hf/fp8.py`), exercised on CPU with torchao's emulation.
+"""FP8 training through torchao (`nanochat_hf/training/fp8.py`), exercised on CPU with torchao's emulation.
 
 Emulation casts the operands to float8 exactly as on the GPU and does the matmul in high precision, so the
 numerics checked here are fp8's; only the speed is not.
@@ -17,7 +17,7 @@ from torch import nn
 from torchao.float8.float8_linear import Float8Linear
 
 from nanochat_hf import NanoChatForCausalLM
-from nanochat_hf.fp8 import FP8_RECIPES, check_fp8_support, convert_to_fp8, fp8_disabled, fp8_module_filter
+from nanochat_hf.training.fp8 import FP8_RECIPES, check_fp8_support, convert_to_fp8, fp8_disabled, fp8_module_filter
 
 from .conftest import randomize, tiny_config
 
@@ -296,7 +296,7 @@ LOADER = textwrap.dedent(
         assert type(remote).__module__.startswith("transformers_modules."), type(remote).__module__
         out[folder]["remote"] = remote.state_dict()
     from nanochat_hf import NanoChatForCausalLM
-    from nanochat_hf.fp8 import convert_to_fp8, fp8_disabled
+    from nanochat_hf.training.fp8 import convert_to_fp8, fp8_disabled
     for folder in folders:
         native = NanoChatForCausalLM.from_pretrained(folder)
         out[folder]["native"] = native.state_dict()

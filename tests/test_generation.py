@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, pipeline
 
 from nanochat_hf.data.embedded import embedded_corpus
-from nanochat_hf.init_model import build_model, save_atomically
-from nanochat_hf.tokenizer import train_tokenizer
+from nanochat_hf.tokenizer.bpe import train_tokenizer
+from nanochat_hf.training.init_model import build_model, save_atomically
 
 from .conftest import randomize
 

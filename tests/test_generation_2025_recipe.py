@@ -19,11 +19,17 @@ from transformers import HfArgumentParser
 from nanochat_hf import NanoChatForCausalLM
 from nanochat_hf.data.embedded import embedded_corpus
 from nanochat_hf.errors import UsageError
-from nanochat_hf.midtrain import parse_midtrain_args
-from nanochat_hf.optim import MuonAdamW, NanoChatSchedule, nanochat_2025_param_groups
-from nanochat_hf.pretrain import NanoChatOptimizerFactory, PretrainArguments, PretrainTrainer, parse_args, train
-from nanochat_hf.tokenizer import train_tokenizer
-from nanochat_hf.trl_support import FinetuneOptimizerFactory
+from nanochat_hf.tokenizer.bpe import train_tokenizer
+from nanochat_hf.training.midtrain import parse_midtrain_args
+from nanochat_hf.training.optim import MuonAdamW, NanoChatSchedule, nanochat_2025_param_groups
+from nanochat_hf.training.pretrain import (
+    NanoChatOptimizerFactory,
+    PretrainArguments,
+    PretrainTrainer,
+    parse_args,
+    train,
+)
+from nanochat_hf.training.trl_support import FinetuneOptimizerFactory
 
 from .conftest import tiny_config
 from .test_optim import _set_grads

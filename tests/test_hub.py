@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from nanochat_hf import NanoChatForCausalLM
-from nanochat_hf.hub import (
+from nanochat_hf.hub.push import (
     HubError,
     find_results_files,
     main,
@@ -44,7 +44,7 @@ LIGHTEVAL_RESULTS = {
     "versions": {"custom|core|0": 0},
 }
 
-# what `nanochat-hf eval --stage sft` writes into the model folder (nanochat_hf/evaluate.py)
+# what `nanochat-hf eval --stage sft` writes into the model folder (nanochat_hf/evaluation/evaluate.py)
 NANOCHAT_EVAL = {
     "model": "runs/cpu/sft", "stage": "sft", "max_per_task": 16,
     "chat": {"tasks": {"ARC-Easy": {"accuracy": 0.3876, "correct": 6, "total": 16},
@@ -399,11 +399,11 @@ def test_dry_run_writes_the_folders(run_dir, tmp_path, capsys):
 
 
 def test_vendored_engine_may_import_only_torch_transformers_and_stdlib(tmp_path):
-    from nanochat_hf.hub import _check_imports
+    from nanochat_hf.hub.push import _check_imports
 
     good, bad = tmp_path / "good.py", tmp_path / "bad.py"
     good.write_text("import os\nimport torch\nfrom transformers import AutoTokenizer\nfrom .tools import calculate\n")
-    bad.write_text("import torch\nfrom nanochat_hf.tokenizer import encode\n")
+    bad.write_text("import torch\nfrom nanochat_hf.tokenizer.bpe import encode\n")
     _check_imports(good, {"torch", "transformers"})
-    with pytest.raises(ValueError, match="imports 'nanochat_hf.tokenizer'"):
+    with pytest.raises(ValueError, match="imports 'nanochat_hf.tokenizer.bpe'"):
         _check_imports(bad, {"torch", "transformers"})

@@ -16,9 +16,9 @@ from nanochat_hf.data.conversations import (
     render_conversation,
     render_dataset,
 )
-from nanochat_hf.midtrain import MidtrainSchedule, parse_midtrain_args, train
-from nanochat_hf.pretrain import NanoChatOptimizerFactory
-from nanochat_hf.tokenizer import load_tokenizer
+from nanochat_hf.tokenizer.bpe import load_tokenizer
+from nanochat_hf.training.midtrain import MidtrainSchedule, parse_midtrain_args, train
+from nanochat_hf.training.pretrain import NanoChatOptimizerFactory
 
 from .chat_fixtures import conversations, tool_conversation, write_jsonl
 
@@ -182,8 +182,8 @@ def test_bad_inputs_are_refused(tmp_path, tiny_checkpoint):
 
 
 def test_validation_is_the_tasks_test_splits_never_the_training_conversations(tmp_path):
-    from nanochat_hf.midtrain import validation_mixture
     from nanochat_hf.tasks import build_mixture
+    from nanochat_hf.training.midtrain import validation_mixture
 
     # the tier's mixture: its tasks' test splits (cpu: arithmetic 100 + simple spelling 100 + spelling bee 50)
     run = parse_midtrain_args(["--tier", "cpu", "--seed", "3", "--val_rows", "0"])

@@ -7,7 +7,7 @@ import transformers
 from transformers import DynamicCache
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
-from nanochat_hf.convert import builtin_config
+from nanochat_hf.hub.convert import builtin_config
 
 from . import nanochat_constants as nc
 from .conftest import CACHE_KW, tiny_config

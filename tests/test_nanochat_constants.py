@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nanochat_hf import NanoChatConfig, NanoChatForCausalLM
-from nanochat_hf.optim import POLAR_EXPRESS_COEFFS, MuonAdamW, nanochat_param_groups
-from nanochat_hf.pretrain import PretrainArguments
+from nanochat_hf.training.optim import POLAR_EXPRESS_COEFFS, MuonAdamW, nanochat_param_groups
+from nanochat_hf.training.pretrain import PretrainArguments
 
 from . import nanochat_constants as nc
 from .conftest import tiny_config

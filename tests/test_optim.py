@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import TrainingArguments
 
-from nanochat_hf import optim
-from nanochat_hf.optim import (
+from nanochat_hf.training import optim
+from nanochat_hf.training.optim import (
     FSDP_ERROR,
     MuonAdamW,
     NanoChatSchedule,
@@ -30,7 +30,7 @@ from nanochat_hf.optim import (
     orthogonalize,
     weight_decay_multiplier,
 )
-from nanochat_hf.pretrain import keep_local_gloo_on_loopback
+from nanochat_hf.training.pretrain import keep_local_gloo_on_loopback
 
 from . import nanochat_constants as nc
 from .conftest import tiny_config
@@ -219,8 +219,8 @@ def test_the_runs_mixed_precision_picks_the_orthogonalisation_dtype(tmp_path, mo
 
 def test_the_stages_factories_hand_the_dtype_to_muon():
     from nanochat_hf import NanoChatForCausalLM
-    from nanochat_hf.pretrain import NanoChatOptimizerFactory
-    from nanochat_hf.trl_support import FinetuneOptimizerFactory
+    from nanochat_hf.training.pretrain import NanoChatOptimizerFactory
+    from nanochat_hf.training.trl_support import FinetuneOptimizerFactory
 
     model = NanoChatForCausalLM(tiny_config("2026"))
     for factory in (NanoChatOptimizerFactory(), FinetuneOptimizerFactory()):

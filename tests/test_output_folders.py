@@ -183,7 +183,7 @@ def test_a_failed_dry_run_leaves_no_folder(inputs, tmp_path, capsys):
 
 
 def test_a_training_stage_refuses_a_folder_that_is_not_a_run_and_continues_one_that_is(inputs, tmp_path):
-    from nanochat_hf.pretrain import main as pretrain_main
+    from nanochat_hf.training.pretrain import main as pretrain_main
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -209,7 +209,7 @@ def test_a_training_stage_refuses_a_folder_that_is_not_a_run_and_continues_one_t
 
 
 def test_a_failed_training_stage_leaves_no_empty_folder(inputs, tmp_path, monkeypatch):
-    from nanochat_hf.sft import main as sft_main
+    from nanochat_hf.training.sft import main as sft_main
 
     conversations = tmp_path / "chats.jsonl"
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 4

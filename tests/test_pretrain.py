@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from nanochat_hf.data.embedded import embedded_corpus
 from nanochat_hf.data.pretrain import PretrainStream
-from nanochat_hf.optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups
-from nanochat_hf.pretrain import build_pretrain_model, check_parallelism, parse_args, train
-from nanochat_hf.tokenizer import load_tokenizer, train_tokenizer
-from nanochat_hf.training_plan import plan_training
+from nanochat_hf.tokenizer.bpe import load_tokenizer, train_tokenizer
+from nanochat_hf.training.optim import FSDP_ERROR, MuonAdamW, NanoChatSchedule, nanochat_param_groups
+from nanochat_hf.training.plan import plan_training
+from nanochat_hf.training.pretrain import build_pretrain_model, check_parallelism, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*/pretrain.yaml"))
@@ -171,7 +171,7 @@ def test_fp8_is_refused_at_start_up_where_it_cannot_run(workdir, tmp_path, extra
 
 
 def _spawn(argv: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nanochat_hf.pretrain", *argv], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "nanochat_hf.training.pretrain", *argv], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
 
@@ -239,7 +239,7 @@ def test_accelerate_launch_runs_real_steps(workdir, tmp_path, config):
     argv = tiny_argv(workdir, out, num_iterations=4, eval_every=4, save_every=4, log_every=1)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "accelerate_configs" / f"{config}.yaml"), "-m", "nanochat_hf.pretrain", *argv],
+         str(ROOT / "accelerate_configs" / f"{config}.yaml"), "-m", "nanochat_hf.training.pretrain", *argv],
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
     )
@@ -257,7 +257,7 @@ def test_accelerate_launch_runs_real_steps(workdir, tmp_path, config):
     ("NVIDIA B200", 2.25e15), ("NVIDIA GeForce RTX 4090", None),
 ])
 def test_mfu_uses_nanochats_peak_table(name, peak):
-    from nanochat_hf.training_plan import gpu_peak_flops
+    from nanochat_hf.training.plan import gpu_peak_flops
 
     assert gpu_peak_flops(name) == peak
 
@@ -265,7 +265,7 @@ def test_mfu_uses_nanochats_peak_table(name, peak):
 FAULTS_SCRIPT = """
 import resource, sys, torch
 if sys.argv[1] == "kept":
-    from nanochat_hf.pretrain import keep_freed_memory_on_cpu
+    from nanochat_hf.training.pretrain import keep_freed_memory_on_cpu
     keep_freed_memory_on_cpu()
 def step():  # a step's largest temporaries: the CPU tier's (8, 512, 4096) fp32 logits and their gradient
     logits = torch.empty(8, 512, 4096).fill_(1.0)

@@ -9,8 +9,8 @@ import pytest
 from matplotlib.image import imread
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nanochat_hf import evaluate, report
-from nanochat_hf.tokenizer import compression_stats
+from nanochat_hf.evaluation import chat, evaluate, report
+from nanochat_hf.tokenizer.bpe import compression_stats
 from tests.core_fixtures import write_bundle
 
 LABELS = ["copa", "winograd", "lambada_openai"]
@@ -62,7 +62,7 @@ def run(tmp_path_factory, tiny_checkpoint):
                                         batch_size=2, bpb_data=str(text), bpb_tokens=512)
     mid = evaluate.evaluate_checkpoint(str(run_dir / "mid"), "mid", tier="cpu", max_per_task=2, max_tokens=6)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "CHAT_EVALS", {n: _fixed(n) for n in CHAT_ACCURACY})
+        mp.setattr(chat, "HUB_CHAT_EVALS", {n: _fixed(n) for n in CHAT_ACCURACY})
         sft = evaluate.evaluate_checkpoint(str(run_dir / "sft"), "sft", max_per_task=8)
     _jsonl(run_dir / "train" / "pretrain" / "losses.jsonl",
            [{"step": i + 1, "loss": v} for i, v in enumerate(PRETRAIN_LOSSES)])

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_hf.checkpoints import checkpoint_problem, find_resume_checkpoint, load_data_state
-from nanochat_hf.midtrain import parse_midtrain_args
-from nanochat_hf.midtrain import train as midtrain
-from nanochat_hf.pretrain import parse_args, train
+from nanochat_hf.training.checkpoints import checkpoint_problem, find_resume_checkpoint, load_data_state
+from nanochat_hf.training.midtrain import parse_midtrain_args
+from nanochat_hf.training.midtrain import train as midtrain
+from nanochat_hf.training.pretrain import parse_args, train
 
 from .chat_fixtures import conversations, write_jsonl
 from .test_pretrain import _spawn, losses, tiny_argv, workdir  # noqa: F401  (workdir: the corpus + tokenizer fixture)

@@ -9,7 +9,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from nanochat_hf.rl import (
+from nanochat_hf.tokenizer.bpe import encode, load_tokenizer
+from nanochat_hf.training.rl import (
     NanoChatGRPOTrainer,
     RLArguments,
     completion_text,
@@ -20,8 +21,7 @@ from nanochat_hf.rl import (
     prompts_for_completion,
     train,
 )
-from nanochat_hf.tokenizer import encode, load_tokenizer
-from nanochat_hf.trl_support import NANOCHAT_RESPONSE_TEMPLATE, finetune_optimizer_kwargs, python
+from nanochat_hf.training.trl_support import NANOCHAT_RESPONSE_TEMPLATE, finetune_optimizer_kwargs, python
 
 from .chat_fixtures import tool_conversation
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_hf.tools import _MAX_BOX_ENTRIES, _discard, _remove_tree, run_python, sandbox_guards
+from nanochat_hf.inference.tools import _MAX_BOX_ENTRIES, _discard, _remove_tree, run_python, sandbox_guards
 
 GUARDS = sandbox_guards()
 KERNEL_CONFINES = {"landlock-fs", "seccomp"} <= set(GUARDS)

@@ -12,11 +12,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from nanochat_hf.init_model import build_model, save_atomically
-from nanochat_hf.optim import MuonAdamW
-from nanochat_hf.sft import NanoChatSFTTrainer, SFTArguments, parse_sft_args, sft_config, train
-from nanochat_hf.tokenizer import load_tokenizer
-from nanochat_hf.trl_support import FinetuneOptimizerFactory
+from nanochat_hf.tokenizer.bpe import load_tokenizer
+from nanochat_hf.training.init_model import build_model, save_atomically
+from nanochat_hf.training.optim import MuonAdamW
+from nanochat_hf.training.sft import NanoChatSFTTrainer, SFTArguments, parse_sft_args, sft_config, train
+from nanochat_hf.training.trl_support import FinetuneOptimizerFactory
 
 from .chat_fixtures import conversations, write_jsonl
 from .conftest import randomize
@@ -174,7 +174,7 @@ def test_accelerate_launch_runs_real_steps(tiny_checkpoint, tmp_path, config):
     out = tmp_path / config
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "accelerate_configs" / f"{config}.yaml"), "-m", "nanochat_hf.sft",
+         str(ROOT / "accelerate_configs" / f"{config}.yaml"), "-m", "nanochat_hf.training.sft",
          "--config", str(ROOT / "recipes/cpu/sft.yaml"), "--init_from", str(tiny_checkpoint), "--conversations", data,
          "--output_dir", str(out), "--num_iterations", "2", "--device_batch_size", "2",
          "--target_examples_per_step", "4", "--eval_every", "-1", "--log_every", "1"],

@@ -12,13 +12,14 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from nanochat_hf.checkpoints import read_run_record, warm_start_optimizer
 from nanochat_hf.data.conversations import collate_packed_rows, pack_conversations
 from nanochat_hf.data.embedded import embedded_corpus
-from nanochat_hf.optim import MuonAdamW
-from nanochat_hf.pretrain import parse_args as parse_pretrain_args
-from nanochat_hf.pretrain import train as pretrain
-from nanochat_hf.sft import (
+from nanochat_hf.tokenizer.bpe import load_tokenizer, train_tokenizer
+from nanochat_hf.training.checkpoints import read_run_record, warm_start_optimizer
+from nanochat_hf.training.optim import MuonAdamW
+from nanochat_hf.training.pretrain import parse_args as parse_pretrain_args
+from nanochat_hf.training.pretrain import train as pretrain
+from nanochat_hf.training.sft import (
     NanoChatSFTTrainer,
     SFTArguments,
     inherit_from_base,
@@ -26,8 +27,7 @@ from nanochat_hf.sft import (
     sft_config,
     train,
 )
-from nanochat_hf.tokenizer import load_tokenizer, train_tokenizer
-from nanochat_hf.trl_support import FinetuneOptimizerFactory
+from nanochat_hf.training.trl_support import FinetuneOptimizerFactory
 
 from .chat_fixtures import conversations, write_jsonl
 
@@ -145,7 +145,7 @@ def test_pretraining_keeps_what_heads_sft_reads(base_run):
     saved = torch.load(base_run / "optimizer.pt", weights_only=True)
     assert saved["state"] and any(g["kind"] == "muon" for g in saved["param_groups"])
     # push stages the weights, tokenizer, config and code only: optimizer.pt never leaves the machine
-    from nanochat_hf.hub import stage_model_repo
+    from nanochat_hf.hub.push import stage_model_repo
 
     staged = stage_model_repo(base_run, base_run.parent / "staged", "me/base")
     assert not (staged / "optimizer.pt").exists() and not (staged / "run_args.json").exists()

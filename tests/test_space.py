@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_hf.engine import Engine
-from nanochat_hf.hub import SPACE_SOURCE, stage_model_repo, stage_space_repo
+from nanochat_hf.hub.push import SPACE_SOURCE, stage_model_repo, stage_space_repo
+from nanochat_hf.inference.engine import Engine
 
 from .hub_cache import populate_hub_cache
 
@@ -228,7 +228,7 @@ def test_serve_answers_like_the_engine(tiny_checkpoint, engine, tmp_path):
     from gradio_client import Client
 
     port = _free_port()
-    command = [sys.executable, "-m", "nanochat_hf.serve", "--model", str(tiny_checkpoint), "--port", str(port),
+    command = [sys.executable, "-m", "nanochat_hf.inference.serve", "--model", str(tiny_checkpoint), "--port", str(port),
                "--max-total-tokens", "40", "--max-turns", "1"]
     process = _start(command, Path(__file__).resolve().parents[1], {}, port, tmp_path / "serve.log")
     try:
@@ -245,7 +245,7 @@ def test_serve_answers_like_the_engine(tiny_checkpoint, engine, tmp_path):
 
 
 def test_serve_bad_model_folder(tmp_path, capsys):
-    from nanochat_hf.serve import main
+    from nanochat_hf.inference.serve import main
 
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--model", str(tmp_path / "nope" / "deeper")])

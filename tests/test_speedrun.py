@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat_hf.cli import PASS_THROUGH, build_parser, main
-from nanochat_hf.sft import parse_sft_args
 from nanochat_hf.speedrun import PIPELINES, ROOT, TIERS, recipe_file, run_speedrun
+from nanochat_hf.training.sft import parse_sft_args
 
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -91,10 +91,13 @@ def test_gpu_tiers_say_what_to_do_without_a_gpu(tmp_path):
         run_speedrun("d20", tmp_path / "d20")
 
 
+SCRIPT = ROOT / "recipes" / "speedrun.sh"
+
+
 @pytest.mark.parametrize("tier", sorted(TIERS))
-def test_speedrun_scripts_run_every_stage_with_the_tiers_recipes(tier):
-    script = (ROOT / "recipes" / tier / "speedrun.sh").read_text()
-    assert subprocess.run(["bash", "-n", str(ROOT / "recipes" / tier / "speedrun.sh")]).returncode == 0
+def test_the_speedrun_script_runs_every_stage_with_the_tiers_recipes(tier):
+    script = SCRIPT.read_text()
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     pipelines = [p for p in PIPELINES if all(recipe_file(tier, p, stage).exists() for stage in PIPELINES[p])]
     # the GPU tiers default to nanochat HEAD's pipeline, the CPU tier to 2025; d24 is HEAD's speedrun alone
     assert TIERS[tier].pipeline == ("2025" if tier == "cpu" else "2026")
@@ -103,20 +106,24 @@ def test_speedrun_scripts_run_every_stage_with_the_tiers_recipes(tier):
         for stage in (*PIPELINES[pipeline], "rl"):
             recipe = recipe_file(tier, pipeline, stage)
             assert recipe.exists(), recipe
-            if tier != "cpu":  # the CPU tier's script is the 2025 pipeline's only
-                assert f"nanochat_hf.{stage} --config recipes/{tier}/{recipe.name}" in script, recipe.name
+            assert f"nanochat_hf.training.{stage} --config \"$RECIPES/{recipe.name}\"" in script, recipe.name
         sft = parse_sft_args(["--config", str(recipe_file(tier, pipeline, "sft"))])
         assert sft.pipeline == pipeline and sft.init_from.endswith("/mid" if pipeline == "2025" else "/base")
-    for stage in ("base", "sft", "rl", *(("mid",) if "2025" in pipelines else ())):
+    for stage in ("base", "mid", "sft", "rl"):
         assert f"eval --model \"$RUN/{stage}\" --stage {stage}" in script
-    assert "nanochat-hf report" in script
-    if tier != "cpu":
-        assert "accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml" in script
+    assert "nanochat-hf report" in script and "accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml" in script
+
+
+def test_the_speedrun_script_refuses_an_unknown_tier(tmp_path):
+    result = subprocess.run(["bash", str(SCRIPT), "d99"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "RUN": str(tmp_path / "run")})
+    assert result.returncode == 2 and "no recipes for tier d99" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_d24_tier_is_heads_speedrun():
     """runs/speedrun.sh at HEAD: base_train --depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8."""
-    from nanochat_hf.pretrain import parse_args
+    from nanochat_hf.training.pretrain import parse_args
 
     run = parse_args(["--config", str(ROOT / "recipes/d24/pretrain.yaml")])
     assert (run.depth, run.target_param_data_ratio, run.device_batch_size) == (24, 8, 16)
@@ -126,7 +133,7 @@ def test_the_d24_tier_is_heads_speedrun():
 
 
 def test_init_command(tmp_path):
-    from nanochat_hf.tokenizer import train_tokenizer
+    from nanochat_hf.tokenizer.bpe import train_tokenizer
 
     train_tokenizer(["Some text for a tokenizer. " * 200], vocab_size=300, show_progress=False).save_pretrained(
         tmp_path / "tok"

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from nanochat_hf.data.embedded import embedded_corpus, embedded_corpus_info
-from nanochat_hf.tokenizer import (
+from nanochat_hf.tokenizer.bpe import (
     CHAT_TEMPLATE,
     EVAL_SAMPLES,
     SPECIAL_TOKENS,
@@ -30,7 +30,7 @@ from nanochat_hf.tokenizer import (
     tokenizer_from_merges,
     train_tokenizer,
 )
-from nanochat_hf.tokenizer_cli import add_tokenizer_parser
+from nanochat_hf.tokenizer.cli import add_tokenizer_parser
 
 from . import nanochat_constants as nc
 from .nanochat_reference import render_conversation

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_hf.tools import ExecutionResult, calculate, run_python
+from nanochat_hf.inference.tools import ExecutionResult, calculate, run_python
 
 # ---------------------------------------------------------------------------------------------------------------
 # Calculator: nanochat's `use_calculator` accepts an expression when, with every comma removed, it is either made of

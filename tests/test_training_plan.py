@@ -6,7 +6,7 @@ import math
 import pytest
 
 from nanochat_hf import NanoChatConfig
-from nanochat_hf.training_plan import plan_training
+from nanochat_hf.training.plan import plan_training
 
 D12, D20, D24 = 110_100_912, 435_160_240, 729_810_624
 

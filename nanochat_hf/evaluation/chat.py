@@ -18,8 +18,8 @@ chat-format metrics the CPU speedrun is judged on: `ends_turn_rate`, the fractio
 `<|assistant_end|>` within the token budget, and (Arithmetic, GSM8K) `calculator_rate`, the fraction of replies that
 call the python tool.
 
-Importing this module registers the runners into `nanochat_hf.evaluate.CHAT_EVALS` (Hub tiers) and
-`CPU_CHAT_EVALS`.
+The runners: `HUB_CHAT_EVALS` (the Hub tiers) and `CPU_TIER_EVALS` (the CPU tier), which the `eval` stage
+(`nanochat_hf.evaluation.evaluate`) and the SFT's in-training ChatCORE read.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..engine import Engine
+from ..inference.engine import Engine
+from ..inference.tools import run_python
 from ..tasks import gsm8k_reward, load_task
 from ..tasks.humaneval import humaneval_program
 from ..tasks.mixtures import _REPOS as HUB_REPOS
 from ..tasks.mixtures import NANOCHAT_SHUFFLE_SEED
 from ..tasks.spelling import embedded_words, simple_spelling, spelling_bee
-from ..tools import run_python
 from .chatcore import BESIDE_CHATCORE, CATEGORICAL_TASKS, CHATCORE_TASKS, TASK_KEYS, chatcore, chatcore_cat
 
 # nanochat's eval sets: split per Hub task; the generated tasks are evaluated on 256 items of their test split.
@@ -345,13 +345,3 @@ def format_metrics(task_results: dict[str, dict]) -> dict:
         return sum(r[key] * r["replies"] for r in measured) / total if total else None
 
     return {"ends_turn_rate": pooled("ends_turn_rate"), "calculator_rate": pooled("calculator_rate")}
-
-
-def _register() -> None:
-    from .. import evaluate
-
-    evaluate.CHAT_EVALS.update(HUB_CHAT_EVALS)
-    evaluate.CPU_CHAT_EVALS.update(CPU_TIER_EVALS)
-
-
-_register()

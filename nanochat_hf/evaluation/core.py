@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from ..engine import KVCache
+from ..inference.engine import KVCache
 from .bundle import CoreTask, load_core_tasks, load_task_data, resolve_bundle
 
 FEWSHOT_SEED = 1234

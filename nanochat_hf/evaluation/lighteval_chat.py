@@ -39,7 +39,7 @@ from lighteval.models.model_output import ModelResponse
 from lighteval.tasks.lighteval_task import LightevalTaskConfig
 from lighteval.tasks.requests import Doc, SamplingMethod
 
-from ..engine import Engine
+from ..inference.engine import Engine
 from ..tasks import extract_answer, render_mc
 from ..tasks.mixtures import _REPOS as HUB_REPOS
 from .bundle import cache_dir

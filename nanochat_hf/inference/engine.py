@@ -176,14 +176,14 @@ class Engine:
     def _check_chat_template_keeps_text(self) -> None:
         """Refuse a tokenizer whose chat template lets text typed in a message become special tokens: a user could
         then end their turn and write the assistant's. nanochat_hf's template escapes message text (see
-        nanochat_hf/tokenizer.py); a template without the escape shows here as a special id inside the message."""
+        nanochat_hf/tokenizer/bpe.py); a template without the escape shows here as a special id inside the message."""
         typed = "<|assistant_end|><|bos|>"
         ids = self.render_prompt([{"role": "user", "content": typed}])
         if self.ids["assistant_end"] in ids or ids.count(self.ids["bos"]) > 1:
             raise ValueError(
                 f"the tokenizer's chat template turns special-token strings typed in a message ({typed}) into special "
                 "tokens, so chat input could forge turns; re-save the tokenizer with nanochat_hf's template: "
-                "`nanochat_hf.tokenizer.set_chat_template(load_tokenizer(DIR)).save_pretrained(DIR)`"
+                "`nanochat_hf.tokenizer.bpe.set_chat_template(load_tokenizer(DIR)).save_pretrained(DIR)`"
             )
 
     def encode(self, text: str) -> list[int]:

@@ -4,11 +4,11 @@
   lighteval tasks in evals/core.py use) and bits per byte (data/pretrain.py's ``evaluate_bpb``) on the train and the
   validation split of ``--bpb-data``, as nanochat's base_eval: ``--bpb-tokens`` (40 x 524,288) on each, rounded down
   to whole batches, in the compute dtype (bf16 on a GPU that has it, else fp32).
-* mid / sft / rl: the chat evaluations through the runners in ``CHAT_EVALS`` (see below); ChatCORE and
+* mid / sft / rl: the chat evaluations through the runners in ``evaluation.chat.HUB_CHAT_EVALS`` (see below); ChatCORE and
   ChatCORE_cat over the tasks evaluation/chatcore.py lists (SpellingBee is reported beside them); and the
   chat-format metrics (``ends_turn_rate``, ``calculator_rate``) over the generated replies.
 
-``--tier cpu`` runs offline: the chat stages evaluate the project's own generators (``CPU_CHAT_EVALS``: arithmetic
+``--tier cpu`` runs offline: the chat stages evaluate the project's own generators (``evaluation.chat.CPU_TIER_EVALS``: arithmetic
 with the calculator, spelling) instead of the Hub tasks, and the base stage scores CORE only when an eval bundle is
 at hand (``--bundle``, ``$NANOCHAT_EVAL_BUNDLE`` or the cache), else bits per byte alone. Any other tier (default
 d20) evaluates nanochat's Hub tasks.
@@ -24,16 +24,15 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .errors import check_source
-from .evaluation.bundle import BUNDLE_ENV, cache_dir
-from .evaluation.chatcore import CATEGORICAL_TASKS, CHATCORE, CHATCORE_CAT, CHATCORE_TASKS, chatcore, chatcore_cat
-from .evaluation.core import evaluate_core
+from ..errors import check_source
+from .bundle import BUNDLE_ENV, cache_dir
+from .chatcore import CATEGORICAL_TASKS, CHATCORE, CHATCORE_CAT, CHATCORE_TASKS, chatcore, chatcore_cat
+from .core import evaluate_core
 
 __all__ = ["CATEGORICAL_TASKS", "CHATCORE_TASKS", "chatcore", "chatcore_cat", "evaluate_checkpoint", "main"]
 
@@ -42,8 +41,6 @@ TIERS = ("cpu", "d12", "d20", "d24", "d26", "d32")  # as nanochat_hf.tasks.mixtu
 # Chat-stage evaluators, name -> fn(model, tokenizer, max_per_task=..., batch_size=..., data_dir=..., max_tokens=...)
 # -> {"accuracy": float, ...}. The chat evals (nanochat_hf/evaluation/chat.py) register here: nanochat's Hub tasks,
 # and the CPU tier's offline tasks. ChatCORE reads the accuracies of the tasks it lists by name.
-CHAT_EVALS: dict[str, Callable[..., dict]] = {}
-CPU_CHAT_EVALS: dict[str, Callable[..., dict]] = {}
 # nanochat HEAD's base_eval --split-tokens: bits per byte over this many tokens of each split
 BPB_TOKENS = 40 * 524288
 
@@ -77,8 +74,8 @@ def base_bpb(model, tokenizer, data: str, tokens: int = BPB_TOKENS, batch_size: 
     """nanochat's base_eval bits per byte: up to the same number of tokens (see bpb_batches) from the start of
     `data`'s train split and of its validation split, at the model's context length, in the model's dtype.
     ``tokens_read`` says how many each split gave: a validation split shorter than the budget is read once."""
-    from .data.pretrain import PretrainStream, evaluate_bpb
-    from .tokenizer import token_bytes
+    from ..data.pretrain import PretrainStream, evaluate_bpb
+    from ..tokenizer.bpe import token_bytes
 
     seq_len = model.config.max_position_embeddings
     batches = bpb_batches(tokens, batch_size, seq_len)
@@ -100,15 +97,9 @@ def base_bpb(model, tokenizer, data: str, tokens: int = BPB_TOKENS, batch_size: 
 
 def _chat_results(model, tokenizer, max_per_task: int, batch_size: int, tier: str = "d20",
                   data_dir: str | None = None, max_tokens: int | None = None) -> dict:
-    try:
-        from .evaluation import chat  # registers the chat evaluators into CHAT_EVALS / CPU_CHAT_EVALS
-    except ImportError as e:
-        raise RuntimeError(
-            f"the chat evaluations are not available ({e}); they need nanochat_hf.tasks and nanochat_hf.engine"
-        ) from e
-    evals = CPU_CHAT_EVALS if tier == "cpu" else CHAT_EVALS
-    if not evals:
-        raise RuntimeError(f"no chat evaluations are registered for tier {tier!r} in {__name__}")
+    from . import chat  # the tasks and the engine load only for the chat stages
+
+    evals = chat.CPU_TIER_EVALS if tier == "cpu" else chat.HUB_CHAT_EVALS
     results = {}
     for name, run in evals.items():
         results[name] = run(model, tokenizer, max_per_task=max_per_task, batch_size=batch_size, data_dir=data_dir,
@@ -260,8 +251,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy's: the chat evals register into
-    # nanochat_hf.evaluate.CHAT_EVALS, which is a different dict from __main__.CHAT_EVALS.
-    from nanochat_hf.evaluate import main as package_main
-
-    package_main()
+    main()

@@ -294,7 +294,7 @@ def read_run_record(folder: str | Path) -> dict[str, Any] | None:
 
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer, folder: str | Path) -> None:
-    """The optimizer's whole state (every rank holds all of it: see nanochat_hf.optim) as `<folder>/optimizer.pt`."""
+    """The optimizer's whole state (every rank holds all of it: see nanochat_hf.training.optim) as `<folder>/optimizer.pt`."""
     torch.save(optimizer.state_dict(), Path(folder) / OPTIMIZER_STATE)
 
 

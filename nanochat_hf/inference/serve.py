@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .hub import stage_space_repo
+from ..hub.push import stage_space_repo
 
 
 def _model_argument(argv: list[str]) -> str | None:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .output_folder import check_output_folder, staged_folder
+from ..output_folder import check_output_folder, staged_folder
 
 _TRAIN_DESCRIPTION = """\
 Train nanochat's byte-level BPE tokenizer (GPT-4-style split regex, 9 chat
@@ -52,8 +52,8 @@ def _print_stats(names: list[str], stats: list[dict[str, dict]]) -> None:
 
 def _texts(paths: list[str], text_column: str) -> Iterator[str]:
     """Local files and folders, or a Hub dataset id (streamed train split) where no such path exists."""
-    from .data.pretrain import open_text_stream
-    from .tokenizer import iter_texts
+    from ..data.pretrain import open_text_stream
+    from .bpe import iter_texts
 
     for path in paths:
         if Path(path).exists():
@@ -64,8 +64,8 @@ def _texts(paths: list[str], text_column: str) -> Iterator[str]:
 
 def train_main(args: argparse.Namespace) -> None:
     """Train a tokenizer as described by the `tokenizer train` arguments and save it to args.out."""
-    from .data.embedded import embedded_corpus, embedded_corpus_info
-    from .tokenizer import _capped_docs, compression_stats, train_tokenizer
+    from ..data.embedded import embedded_corpus, embedded_corpus_info
+    from .bpe import _capped_docs, compression_stats, train_tokenizer
 
     out = check_output_folder(args.out, overwrite=args.overwrite, inputs=args.data or ())
     doc_cap = args.doc_cap or None
@@ -102,7 +102,7 @@ def train_main(args: argparse.Namespace) -> None:
 
 
 def _data_samples(paths: list[str], text_column: str, max_chars: int) -> dict[str, str]:
-    from .tokenizer import iter_texts
+    from .bpe import iter_texts
 
     samples = {}
     for path in paths:
@@ -118,7 +118,7 @@ def _data_samples(paths: list[str], text_column: str, max_chars: int) -> dict[st
 
 def eval_main(args: argparse.Namespace) -> None:
     """Print (and optionally save as JSON) bytes-per-token statistics for the `tokenizer eval` arguments."""
-    from .tokenizer import EVAL_SAMPLES, compression_stats, load_tokenizer
+    from .bpe import EVAL_SAMPLES, compression_stats, load_tokenizer
 
     names = [args.tokenizer, *args.compare]
     tokenizers = [load_tokenizer(name) for name in names]

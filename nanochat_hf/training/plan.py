@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .configuration_nanochat import NanoChatConfig
-from .modeling_nanochat import NanoChatForCausalLM
+from ..configuration_nanochat import NanoChatConfig
+from ..modeling_nanochat import NanoChatForCausalLM
 
 B_REF = 2**19
 ORIG_TOTAL_BATCH_SIZE = 524_288  # ORIG base_train's fixed batch, in tokens

@@ -58,7 +58,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .errors import UsageError, check_source
+from ..errors import UsageError, check_source
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ EOS_TOKEN = "<|assistant_end|>"
 # and a later assistant message continues the same nanochat turn. A turn ending in a tool call with no result yet
 # is left open, which keeps renders prefix-preserving (TRL's multi-turn tool training relies on that).
 CHAT_TEMPLATE = r"""
-{#- nanochat conversation format; see nanochat_hf/tokenizer.py. -#}
+{#- nanochat conversation format; see nanochat_hf/tokenizer/bpe.py. -#}
 {#- Message text is data, never control: it goes out through esc(), which writes every "|" as U+FDD0 "|", so no
     message can spell a special token (all are "<|...|>"). tokenizer.json's normalizer deletes the U+FDD0 after the
     special tokens have been matched, so the text is encoded exactly as typed (CHAT_ESCAPE in tokenizer.py). -#}

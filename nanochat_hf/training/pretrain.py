@@ -1,7 +1,7 @@
 """Pretraining (and midtraining) on the transformers Trainer with nanochat's recipe.
 
     nanochat-hf pretrain --config recipes/d20/pretrain.yaml [--depth 12 --device_batch_size 16 ...]
-    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.pretrain --config ...
+    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.training.pretrain --config ...
 
 The Trainer adds nothing nanochat does not do: no gradient clipping (nor the grad-norm it would compute), no
 weight-decay groups of its own, no data skipping on resume (the stream restores its own state).
@@ -21,6 +21,11 @@ import yaml
 from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
+from ..data.pretrain import PretrainStream, evaluate_bpb
+from ..errors import Bound, UsageError, check_bounds, check_choice, check_source, run_command
+from ..modeling_nanochat import NanoChatForCausalLM
+from ..output_folder import run_folder
+from ..tokenizer.bpe import load_tokenizer, token_bytes
 from .checkpoints import (
     STAGING,
     load_data_state,
@@ -31,11 +36,8 @@ from .checkpoints import (
     truncate_step_logs,
     write_run_record,
 )
-from .data.pretrain import PretrainStream, evaluate_bpb
-from .errors import Bound, UsageError, check_bounds, check_choice, check_source, run_command
 from .fp8 import FP8_RECIPES, check_fp8_support, convert_to_fp8, fp8_disabled
 from .init_model import build_model, publish_folder, save_atomically
-from .modeling_nanochat import NanoChatForCausalLM
 from .optim import (
     FSDP_ERROR,
     PRETRAIN_SCHEDULES,
@@ -44,9 +46,7 @@ from .optim import (
     nanochat_optimizer,
     orthogonalization_dtype,
 )
-from .output_folder import run_folder
-from .tokenizer import load_tokenizer, token_bytes
-from .training_plan import PRETRAIN_DEFAULTS, TrainingPlan, check_batch_divides, gpu_peak_flops, plan_training
+from .plan import PRETRAIN_DEFAULTS, TrainingPlan, check_batch_divides, gpu_peak_flops, plan_training
 
 
 def _generation_default(name: str, help: str):
@@ -230,7 +230,7 @@ class PretrainTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    # --- checkpoints: atomic, with the data state (nanochat_hf.checkpoints) -----------------------------------
+    # --- checkpoints: atomic, with the data state (nanochat_hf.training.checkpoints) -----------------------------------
     def _get_output_dir(self, trial):
         return getattr(self, "_staging_dir", None) or super()._get_output_dir(trial)
 
@@ -533,6 +533,6 @@ def main(argv: list[str] | None = None) -> None:
         train(run)
 
 
-if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.pretrain`: input errors as in the CLI
+if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.training.pretrain`: input errors as in the CLI
     run_command("pretrain", main)
 

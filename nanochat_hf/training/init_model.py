@@ -5,10 +5,10 @@ from pathlib import Path
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from .configuration_nanochat import NanoChatConfig
-from .modeling_nanochat import NanoChatForCausalLM
-from .output_folder import publish_folder as publish_folder  # re-exported: pretrain imports it from here
-from .output_folder import staged_folder
+from ..configuration_nanochat import NanoChatConfig
+from ..modeling_nanochat import NanoChatForCausalLM
+from ..output_folder import publish_folder as publish_folder  # re-exported: pretrain imports it from here
+from ..output_folder import staged_folder
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:

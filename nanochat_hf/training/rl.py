@@ -1,7 +1,7 @@
 """Reinforcement learning on GSM8K through TRL's GRPOTrainer with nanochat's settings (nanochat-spec.md §4.5).
 
     nanochat-hf rl --config recipes/d20/rl.yaml [--num_iterations 20 ...]
-    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.rl --config ...
+    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.training.rl --config ...
 
 nanochat's chat_rl.py is a simplified GRPO, and TRL expresses each of its choices:
 
@@ -27,7 +27,7 @@ Prompts are the question rendered for completion (the conversation without its f
 does, through TRL's own tool loop (``tools=[python]``; ``use_tools: false`` turns it off): generation stops at
 ``<|python_end|>``, the block is parsed into a ``tool_calls`` entry, the result is appended as
 ``<|output_start|>result<|output_end|>`` and sampling continues in the same turn; those appended tokens are out of the
-loss (TRL's ``tool_mask``). See :data:`TOOLS_NOTE` and :mod:`nanochat_hf.trl_support`.
+loss (TRL's ``tool_mask``). See :data:`TOOLS_NOTE` and :mod:`nanochat_hf.training.trl_support`.
 """
 
 import os
@@ -39,10 +39,11 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
-from .errors import Bound, check_bounds, run_command
-from .modeling_nanochat import NanoChatForCausalLM
+from ..errors import Bound, check_bounds, run_command
+from ..modeling_nanochat import NanoChatForCausalLM
+from ..output_folder import run_folder
+from ..tokenizer.bpe import load_tokenizer
 from .optim import orthogonalization_dtype
-from .output_folder import run_folder
 from .pretrain import (
     LossLog,
     check_parallelism,
@@ -51,7 +52,6 @@ from .pretrain import (
     require_model_folder,
     save_final,
 )
-from .tokenizer import load_tokenizer
 from .trl_support import (
     FinetuneOptimizerFactory,
     NanoChatTRLMixin,
@@ -63,7 +63,7 @@ from .trl_support import (
 
 TOOLS_NOTE = (
     "Rollouts call nanochat's calculator through TRL's tool loop: <|python_end|> is a stop token of the generation "
-    "config, NANOCHAT_RESPONSE_TEMPLATE (nanochat_hf.trl_support) makes tokenizer.parse_response turn "
+    "config, NANOCHAT_RESPONSE_TEMPLATE (nanochat_hf.training.trl_support) makes tokenizer.parse_response turn "
     "<|python_start|>expr<|python_end|> into a tool call of `python`, TRL appends the chat template's "
     "<|output_start|>result<|output_end|> and generates on; TRL's tool_mask keeps those tokens out of the loss. "
     "Differences from nanochat's engine: a refused expression gets an empty output block (nanochat inserts none), "
@@ -180,7 +180,7 @@ def completion_text(completion) -> str:
 
 def gsm8k_accuracy(completions: list, answer: list[str], **kwargs) -> list[float]:
     """TRL reward function: nanochat's GSM8K reward (1.0 when the ``#### <number>`` answer equals the reference)."""
-    from .tasks.gsm8k import gsm8k_reward
+    from ..tasks.gsm8k import gsm8k_reward
 
     return [float(gsm8k_reward(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
 
@@ -247,7 +247,7 @@ def grpo_config(run: RLArguments, generation_kwargs: dict | None = None) -> GRPO
 
 
 def load_rl_task(run: RLArguments) -> Dataset:
-    from .tasks import load_task  # imported here: the tasks pull in the datasets of every task
+    from ..tasks import load_task  # imported here: the tasks pull in the datasets of every task
 
     return load_task(run.task, split="train", path=run.data_dir)
 
@@ -293,5 +293,5 @@ def main(argv: list[str] | None = None) -> None:
         train(run)
 
 
-if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.rl`: input errors as in the CLI
+if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.training.rl`: input errors as in the CLI
     run_command("rl", main)

@@ -37,12 +37,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluation.chatcore import CHATCORE, CHATCORE_CAT
-from .output_folder import check_output_folder, staged_folder
+from ..evaluation.chatcore import CHATCORE, CHATCORE_CAT
+from ..output_folder import check_output_folder, staged_folder
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # The Space sources live in the checkout (like recipes/), not in the installed package.
 SPACE_SOURCE = PACKAGE_DIR.parent / "spaces"
 CODE_FILES = ("configuration_nanochat.py", "modeling_nanochat.py")
@@ -53,7 +53,7 @@ AUTO_MAP = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json")
 # Vendored into the Space as the package `nanochat_engine`: the Space runs without nanochat_hf installed.
-ENGINE_FILES = ("engine.py", "tools.py")
+ENGINE_FILES = ("inference/engine.py", "inference/tools.py")
 VENDORED_PACKAGE = "nanochat_engine"
 SPACE_CONFIG = "space_config.json"
 DEFAULT_DATASETS = (
@@ -275,7 +275,7 @@ def _check_tokenizer(model_dir: Path) -> list[Path]:
     inline_template = "chat_template" in json.loads((model_dir / "tokenizer_config.json").read_text())
     if not ({"chat_template.jinja", "chat_template.json"} & names or inline_template):
         raise ValueError(f"{model_dir} has no chat template; re-save the tokenizer from "
-                         "nanochat_hf.tokenizer.load_tokenizer, which carries nanochat's template.")
+                         "nanochat_hf.tokenizer.bpe.load_tokenizer, which carries nanochat's template.")
     return files
 
 
@@ -447,7 +447,7 @@ def stage_space_repo(out_dir: str | os.PathLike, model_repo_id: str, source: str
     engine = [PACKAGE_DIR / name for name in ENGINE_FILES]
     absent = [str(p) for p in engine if not p.is_file()]
     if absent:
-        raise FileNotFoundError(f"{absent} not found: the Space streams through nanochat_hf.engine")
+        raise FileNotFoundError(f"{absent} not found: the Space streams through nanochat_hf.inference.engine")
     for path in engine:
         _check_imports(path, {"torch", "transformers"})
 

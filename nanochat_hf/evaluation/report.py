@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
-from .evaluation.chatcore import BESIDE_CHATCORE, CATEGORICAL_TASKS, CHATCORE, CHATCORE_CAT, CHATCORE_TASKS
+from .chatcore import BESIDE_CHATCORE, CATEGORICAL_TASKS, CHATCORE, CHATCORE_CAT, CHATCORE_TASKS
 
 DASH = "—"
 MODEL_STAGES = ("base", "mid", "sft", "rl")
@@ -390,7 +390,7 @@ def _tokenizer_section(run_dir: Path, notes: _Notes) -> list[str]:
     folder = run_dir / "tokenizer"
     if not folder.is_dir():
         return lines + [f"{DASH} (no `tokenizer/` folder yet)", ""]
-    from .tokenizer import SPECIAL_TOKENS, compression_stats, load_tokenizer
+    from ..tokenizer.bpe import SPECIAL_TOKENS, compression_stats, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(str(folder))

@@ -2,7 +2,7 @@
 
     nanochat-hf sft --config recipes/d20/sft.yaml [--num_iterations 100 ...]          # 2025: after midtraining
     nanochat-hf sft --config recipes/d24/sft-2026.yaml                                 # 2026: from the base model
-    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.sft --config ...
+    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.training.sft --config ...
 
 ``pipeline: "2025"`` (ORIG chat_sft.py) fine-tunes the midtrained model: each conversation is its own row, padded
 to the longest in the micro-batch with ``<|assistant_end|>`` (masked), ``target_examples_per_step`` conversations a
@@ -26,7 +26,7 @@ step, base LRs x 0.02 falling linearly to 0 over one epoch, validation loss on t
 Both: the loss is nanochat's, the mean over the supervised tokens of each micro-batch averaged over the
 micro-batches of a step (not TRL's default, one mean over every supervised token of the step); our Muon + AdamW
 through the Trainer's factory hook; no gradient clipping; the loss on the real vocabulary when the model pads it
-(see :mod:`nanochat_hf.trl_support`).
+(see :mod:`nanochat_hf.training.trl_support`).
 """
 
 import json
@@ -39,14 +39,15 @@ from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from ..data.conversations import ConversationStream, collate_packed_rows, pack_conversations, render_dataset
+from ..data.pretrain import evaluate_bpb
+from ..errors import Bound, UsageError, check_bounds, check_choice, run_command
+from ..modeling_nanochat import NanoChatForCausalLM
+from ..output_folder import run_folder
+from ..tokenizer.bpe import load_tokenizer, token_bytes
 from .checkpoints import read_run_record, warm_start_optimizer
-from .data.conversations import ConversationStream, collate_packed_rows, pack_conversations, render_dataset
-from .data.pretrain import evaluate_bpb
-from .errors import Bound, UsageError, check_bounds, check_choice, run_command
 from .midtrain import stage_mixture, validation_mixture
-from .modeling_nanochat import NanoChatForCausalLM
 from .optim import NanoChatSchedule, orthogonalization_dtype
-from .output_folder import run_folder
 from .pretrain import (
     LossLog,
     check_parallelism,
@@ -55,7 +56,6 @@ from .pretrain import (
     require_model_folder,
     save_final,
 )
-from .tokenizer import load_tokenizer, token_bytes
 from .trl_support import FinetuneOptimizerFactory, NanoChatTRLMixin, finetune_optimizer_kwargs, score_real_vocab_only
 
 PIPELINES = ("2025", "2026")
@@ -262,7 +262,7 @@ class PackedSFTTrainer(NanoChatSFTTrainer):
         return metrics
 
     def _chatcore(self, model) -> dict[str, float]:
-        from .evaluation.chat import measure_chatcore  # the tasks and the engine load only when asked for
+        from ..evaluation.chat import measure_chatcore  # the tasks and the engine load only when asked for
 
         # the main process evaluates while the others wait: the problems are not split across ranks
         results: dict[str, float] = {}
@@ -428,5 +428,5 @@ def main(argv: list[str] | None = None) -> None:
         train(run)
 
 
-if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.sft`: input errors as in the CLI
+if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.training.sft`: input errors as in the CLI
     run_command("sft", main)

@@ -1,9 +1,9 @@
 """Midtraining: the pretraining Trainer run on a packed conversation mixture (nanochat-spec.md §4.3).
 
     nanochat-hf midtrain --config recipes/d20/midtrain.yaml [--num_iterations 100 ...]
-    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.midtrain --config ...
+    accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.training.midtrain --config ...
 
-Everything but the data is pretraining's: :class:`~nanochat_hf.pretrain.PretrainTrainer` with Muon, the atomic
+Everything but the data is pretraining's: :class:`~nanochat_hf.training.pretrain.PretrainTrainer` with Muon, the atomic
 checkpoints (with this stream's state, so a run resumes exactly), the loss log and validation bits per byte. The
 data is the stage's mixture (``nanochat_hf.tasks.build_mixture("midtrain", tier)``, or a local file of
 conversations), rendered through the chat template and best-fit packed into BOS-aligned rows
@@ -24,12 +24,14 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from ..data.conversations import ConversationStream, render_dataset
+from ..errors import Bound, check_bounds, run_command
+from ..modeling_nanochat import NanoChatForCausalLM
+from ..output_folder import run_folder
+from ..tokenizer.bpe import load_tokenizer
 from .checkpoints import load_data_state, resume_point, truncate_step_logs
-from .data.conversations import ConversationStream, render_dataset
-from .errors import Bound, check_bounds, run_command
-from .modeling_nanochat import NanoChatForCausalLM
 from .optim import MuonAdamW, NanoChatSchedule, orthogonalization_dtype
-from .output_folder import run_folder
+from .plan import plan_training
 from .pretrain import (
     BitsPerByteSchedule,
     LossLog,
@@ -45,8 +47,6 @@ from .pretrain import (
     save_final,
     training_arguments,
 )
-from .tokenizer import load_tokenizer
-from .training_plan import plan_training
 
 
 @dataclass
@@ -125,7 +125,7 @@ def stage_mixture(stage: str, run) -> Dataset:
     if run.conversations:
         dataset = load_conversations(run.conversations)
     else:
-        from .tasks import build_mixture  # imported here: the tasks pull in the datasets of every task
+        from ..tasks import build_mixture  # imported here: the tasks pull in the datasets of every task
 
         dataset = build_mixture(stage, tier=run.tier, data_dir=run.data_dir, seed=run.seed)
     if run.max_rows > 0:
@@ -142,7 +142,7 @@ def validation_mixture(run, stage: str = "midtrain") -> Dataset:
         raise ValueError("--conversations needs --val_conversations FILE for validation (or --eval_every -1): "
                          "validation never uses the training conversations")
     else:
-        from .tasks import build_mixture  # imported here: the tasks pull in the datasets of every task
+        from ..tasks import build_mixture  # imported here: the tasks pull in the datasets of every task
 
         dataset = build_mixture(stage, tier=run.tier, data_dir=run.data_dir, seed=run.seed, split="val")
     if run.val_rows > 0:
@@ -235,5 +235,5 @@ def main(argv: list[str] | None = None) -> None:
         train(run)
 
 
-if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.midtrain`: input errors as in the CLI
+if __name__ == "__main__":  # `accelerate launch -m nanochat_hf.training.midtrain`: input errors as in the CLI
     run_command("midtrain", main)

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedConfig
 
-from .configuration_nanochat import GENERATION_PRESETS, NanoChatConfig, nanochat_short_window
-from .modeling_nanochat import NanoChatForCausalLM
-from .output_folder import OutputFolderError, check_output_folder, staged_folder
-from .tokenizer import _BYTE_TO_CHAR, _CHAR_TO_BYTE, chat_escape_normalizer  # _*: the GPT-2 byte alphabet we use
+from ..configuration_nanochat import GENERATION_PRESETS, NanoChatConfig, nanochat_short_window
+from ..modeling_nanochat import NanoChatForCausalLM
+from ..output_folder import OutputFolderError, check_output_folder, staged_folder
+from ..tokenizer.bpe import _BYTE_TO_CHAR, _CHAR_TO_BYTE, chat_escape_normalizer  # _*: the GPT-2 byte alphabet we use
 
 logger = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ def recover_merges(ranks: dict[bytes, int], source: Path) -> list[tuple[bytes, b
 
 def _check_nanochat_vocab(state: TiktokenState, source: Path) -> None:
     """ids 0..N-1 for the byte tokens and merges, N.. for nanochat's 9 special tokens (nanochat's layout)."""
-    from .tokenizer import SPECIAL_TOKENS
+    from ..tokenizer.bpe import SPECIAL_TOKENS
 
     n = len(state.mergeable_ranks)
     if sorted(state.mergeable_ranks.values()) != list(range(n)):
@@ -446,7 +446,7 @@ def tiktoken_to_hf(state: TiktokenState, source: PathLike):
     laid out like nanochat_hf's own tokenizers (regex split + byte-level BPE) and carrying our chat template."""
     from tokenizers import AddedToken, Tokenizer, models
 
-    from . import tokenizer as tok
+    from ..tokenizer import bpe as tok
 
     source = Path(source)
     _check_nanochat_vocab(state, source)
@@ -706,7 +706,7 @@ def from_nanochat(
     with the same id for every token. nanochat's meta JSON (minus `model_config`) is kept in
     `config.nanochat_meta` so `to_nanochat` can write it back.
     """
-    from .init_model import save_atomically, special_token_ids
+    from ..training.init_model import save_atomically, special_token_ids
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     checkpoint = find_checkpoint(checkpoint_dir, step)
@@ -880,7 +880,7 @@ def to_nanochat(
     are rounded, with a warning, unless `keep_fp32_embeddings` keeps them fp32 (nanochat loads them all the same).
     `step` defaults to the step recorded when the model was imported from nanochat, else 0.
     """
-    from .tokenizer import load_tokenizer
+    from ..tokenizer.bpe import load_tokenizer
 
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():

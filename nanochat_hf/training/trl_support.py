@@ -3,7 +3,7 @@
 * :class:`FinetuneOptimizerFactory`: our Muon + AdamW through the Trainer's factory hook, every group's LR scaled by
   nanochat's ``init_lr_frac``.
 * :class:`NanoChatTRLMixin`: nanochat's LR schedule (linear to 0 over the run, no momentum schedule), no gradient
-  clipping, and the per-step loss :class:`~nanochat_hf.pretrain.LossLog` writes.
+  clipping, and the per-step loss :class:`~nanochat_hf.training.pretrain.LossLog` writes.
 * :func:`score_real_vocab_only`: TRL 1.16 computes its losses with a fused LM head that reads
   ``get_output_embeddings().weight`` directly, bypassing our forward, which drops the rows a padded vocabulary adds
   (``padded_vocab_size`` > ``vocab_size``). Those rows would then enter every softmax. This narrows the head the
@@ -27,9 +27,9 @@ import types
 
 import torch
 
+from ..inference.tools import calculate
 from .optim import MuonAdamW, NanoChatSchedule
 from .pretrain import NanoChatOptimizerFactory
-from .tools import calculate
 
 # transformers' response-template format (`tokenizer.parse_response`): the text after the last
 # <|assistant_start|> (a new turn) or <|output_end|> (the same turn, continued after a tool result) is content up to
@@ -144,7 +144,7 @@ def enable_tool_rollouts(model: torch.nn.Module, tokenizer) -> list[int]:
     stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant_end|>", "<|python_end|>")]
     if tokenizer.unk_token_id in stops or None in stops:
         raise ValueError("the tokenizer lacks nanochat's <|assistant_end|>/<|python_end|> tokens; tool rollouts need "
-                         "a tokenizer made by nanochat_hf.tokenizer")
+                         "a tokenizer made by nanochat_hf.tokenizer.bpe")
     previous = model.generation_config.eos_token_id
     tokenizer.response_template = NANOCHAT_RESPONSE_TEMPLATE
     model.generation_config.eos_token_id = stops
