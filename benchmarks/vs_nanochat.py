@@ -12,7 +12,7 @@ Shared inputs, built once in a temporary NANOCHAT_BASE_DIR:
     layout (`base_data_climbmix/shard_NNNNN.parquet`, a `text` column); both sides use the last shard as
     validation and read the others, and both pack rows BOS-aligned by best fit;
   - tokenizer: ours, trained on the train shards (`train_tokenizer`, vocab --vocab-size), written for nanochat as
-    `tokenizer/tokenizer.pkl` + `token_bytes.pt` by our converter (`nanochat_hf.hub.convert.hf_to_tiktoken`, the code
+    `tokenizer/tokenizer.pkl` + `token_bytes.pt` by our converter (`nanochat_hf.hub.tiktoken_format.hf_to_tiktoken`, the code
     behind `nanochat-hf convert to-nanochat`). nanochat's own tokenizer code then encodes sample texts, and the ids
     must equal ours.
 The first nanochat run's start-up report (vocab size, parameter counts per group, FLOPs per token) must equal what
@@ -65,7 +65,7 @@ import yaml
 from train_step import load_average, machine  # the sibling benchmark's machine description
 
 from nanochat_hf.data.embedded import embedded_corpus, embedded_corpus_info
-from nanochat_hf.hub.convert import hf_to_tiktoken, nanochat_token_bytes, write_tiktoken_pickle
+from nanochat_hf.hub.tiktoken_format import hf_to_tiktoken, nanochat_token_bytes, write_tiktoken_pickle
 from nanochat_hf.tokenizer.bpe import encode, load_tokenizer, train_tokenizer
 from nanochat_hf.training import pretrain
 

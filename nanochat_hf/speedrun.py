@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .data.embedded import embedded_corpus, write_corpus_shards
-from .data.pretrain import open_text_stream
+from .data.sources import open_text_stream
 from .evaluation.report import git_state, write_report
 from .output_folder import check_run_folder
 from .tokenizer.bpe import train_tokenizer

@@ -259,7 +259,7 @@ def test_tokenizer_conversion_at_full_vocab_size():
     tiktoken -> tokenizer.json -> tiktoken keeps every rank, and both encode a large text identically."""
     import sysconfig
 
-    from nanochat_hf.hub.convert import TiktokenState, hf_to_tiktoken, tiktoken_to_hf
+    from nanochat_hf.hub.tiktoken_format import TiktokenState, hf_to_tiktoken, tiktoken_to_hf
 
     texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))]
     texts.append(VARIED_TEXT * 20)
@@ -549,7 +549,7 @@ def test_token_bytes_from_another_tokenizer(broken_run):
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_tokenizer_pickle_of_any_protocol(tiktoken_encodings, tmp_path, protocol):
-    from nanochat_hf.hub.convert import read_tiktoken_pickle
+    from nanochat_hf.hub.tiktoken_format import read_tiktoken_pickle
 
     encoding = tiktoken_encodings(300)
     (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(encoding, protocol=protocol))

@@ -7,8 +7,9 @@ import shutil
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nanochat_hf.data.pretrain import PretrainStream, evaluate_bpb
+from nanochat_hf.data.pretrain import PretrainStream
 from nanochat_hf.evaluation import evaluate
+from nanochat_hf.evaluation.bpb import evaluate_bpb
 from nanochat_hf.evaluation.core import evaluate_core
 from nanochat_hf.tokenizer.bpe import token_bytes
 from tests.core_fixtures import write_bundle

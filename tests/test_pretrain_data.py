@@ -16,15 +16,9 @@ import pytest
 import torch
 
 from nanochat_hf.data.embedded import embedded_corpus
-from nanochat_hf.data.pretrain import (
-    BestFitPacker,
-    PackedBatches,
-    PretrainDataError,
-    PretrainStream,
-    evaluate_bpb,
-    open_text_stream,
-    resolve_source,
-)
+from nanochat_hf.data.pretrain import BestFitPacker, PackedBatches, PretrainStream
+from nanochat_hf.data.sources import PretrainDataError, open_text_stream, resolve_source
+from nanochat_hf.evaluation.bpb import evaluate_bpb
 from nanochat_hf.tokenizer.bpe import train_tokenizer
 
 from .hub_cache import populate_hub_cache
@@ -462,7 +456,7 @@ def test_batches_equal_nanochats_own_loader(nanochat_shards, tokenizer, tmp_path
             "a python that runs it (torch, pyarrow, rustbpe, tiktoken); the restated rule is tested without it"
         )
     pytest.importorskip("tiktoken")
-    from nanochat_hf.hub.convert import hf_to_tiktoken, write_tiktoken_pickle
+    from nanochat_hf.hub.tiktoken_format import hf_to_tiktoken, write_tiktoken_pickle
 
     base = nanochat_shards.parent  # NANOCHAT_BASE_DIR: base_data_climbmix/ and tokenizer/
     (base / "tokenizer").mkdir(exist_ok=True)

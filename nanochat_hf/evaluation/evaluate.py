@@ -1,7 +1,7 @@
 """`nanochat-hf eval`: evaluate one checkpoint folder for its stage and write the results JSON.
 
 * base: CORE (nanochat's 22 DCLM tasks from the eval bundle, our batched scorer -- the same verdict code the
-  lighteval tasks in evals/core.py use) and bits per byte (data/pretrain.py's ``evaluate_bpb``) on the train and the
+  lighteval tasks in evals/core.py use) and bits per byte (evaluation/bpb.py's ``evaluate_bpb``) on the train and the
   validation split of ``--bpb-data``, as nanochat's base_eval: ``--bpb-tokens`` (40 x 524,288) on each, rounded down
   to whole batches, in the compute dtype (bf16 on a GPU that has it, else fp32).
 * mid / sft / rl: the chat evaluations through the runners in ``evaluation.chat.HUB_CHAT_EVALS`` (see below); ChatCORE and
@@ -74,8 +74,9 @@ def base_bpb(model, tokenizer, data: str, tokens: int = BPB_TOKENS, batch_size: 
     """nanochat's base_eval bits per byte: up to the same number of tokens (see bpb_batches) from the start of
     `data`'s train split and of its validation split, at the model's context length, in the model's dtype.
     ``tokens_read`` says how many each split gave: a validation split shorter than the budget is read once."""
-    from ..data.pretrain import PretrainStream, evaluate_bpb
+    from ..data.pretrain import PretrainStream
     from ..tokenizer.bpe import token_bytes
+    from .bpb import evaluate_bpb
 
     seq_len = model.config.max_position_embeddings
     batches = bpb_batches(tokens, batch_size, seq_len)

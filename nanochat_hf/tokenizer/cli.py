@@ -52,7 +52,7 @@ def _print_stats(names: list[str], stats: list[dict[str, dict]]) -> None:
 
 def _texts(paths: list[str], text_column: str) -> Iterator[str]:
     """Local files and folders, or a Hub dataset id (streamed train split) where no such path exists."""
-    from ..data.pretrain import open_text_stream
+    from ..data.sources import open_text_stream
     from .bpe import iter_texts
 
     for path in paths:

@@ -21,8 +21,9 @@ import yaml
 from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-from ..data.pretrain import PretrainStream, evaluate_bpb
+from ..data.pretrain import PretrainStream
 from ..errors import Bound, UsageError, check_bounds, check_choice, check_source, run_command
+from ..evaluation.bpb import evaluate_bpb
 from ..modeling_nanochat import NanoChatForCausalLM
 from ..output_folder import run_folder
 from ..tokenizer.bpe import load_tokenizer, token_bytes

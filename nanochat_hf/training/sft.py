@@ -40,8 +40,8 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from ..data.conversations import ConversationStream, collate_packed_rows, pack_conversations, render_dataset
-from ..data.pretrain import evaluate_bpb
 from ..errors import Bound, UsageError, check_bounds, check_choice, run_command
+from ..evaluation.bpb import evaluate_bpb
 from ..modeling_nanochat import NanoChatForCausalLM
 from ..output_folder import run_folder
 from ..tokenizer.bpe import load_tokenizer, token_bytes
