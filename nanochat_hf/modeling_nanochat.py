@@ -17,6 +17,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 try:  # flex attention needs torch >= 2.5 and a platform with Triton or a C++ compiler
     from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE as FLEX_BLOCK_SIZE
@@ -28,8 +30,41 @@ from .configuration_nanochat import NanoChatConfig
 
 # transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`; support both.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+logger = logging.get_logger(__name__)
 # Attribute on the KV cache holding the previous token's pre-smear embedding (nanochat's `prev_embedding`).
 _SMEAR_STATE = "nanochat_prev_embedding"
+
+
+def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache under either name (transformers < 5.24 passes `past_key_values`)."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("NanoChat: pass the KV cache as `cache` or `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
+
+
+def _renamed_cache_argument(forward):
+    """Where transformers calls the KV cache `cache` (>= 5.24), `past_key_values` warns and is renamed, as in
+    transformers' own models; older releases pass `past_key_values` themselves, so there it stays silent."""
+    if _CACHE_FIELD != "cache":
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+
+def _output_flags(config: NanoChatConfig, output_attentions, output_hidden_states, return_dict) -> tuple[bool, ...]:
+    """The call's output switches, each defaulting to the config's; attention weights need the eager backend."""
+    output_attentions = getattr(config, "output_attentions", False) if output_attentions is None else output_attentions
+    if output_hidden_states is None:
+        output_hidden_states = getattr(config, "output_hidden_states", False)
+    return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+    if output_attentions and config._attn_implementation != "eager":
+        # transformers' own models answer this with no weights rather than an error; say why, once
+        logger.warning_once(
+            f"NanoChat: output_attentions=True needs attn_implementation='eager'; {config._attn_implementation!r} "
+            "never forms the attention weights, so `attentions` is None. Load the model with "
+            "attn_implementation='eager' or call `model.set_attn_implementation('eager')`."
+        )
+        output_attentions = False
+    return bool(output_attentions), bool(output_hidden_states), bool(return_dict)
 
 
 def rms_norm(x: torch.Tensor, eps: float | None) -> torch.Tensor:
@@ -253,8 +288,9 @@ class NanoChatAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None,
+        key_length: int | None = None,  # past + current tokens: how many of the cache's slots are filled
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = hidden_states.shape
         # One matmul for q, k and v (the weights keep the built-in class's three names); then q and k share one
         # RoPE and one QK-norm pass. Projections that are not plain Linear layers (FP8 training swaps in torchao's
@@ -281,6 +317,9 @@ class NanoChatAttention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+            if key_length is not None and k.shape[2] > key_length:
+                # a preallocated (static) cache hands back every slot; the filled ones are the first key_length
+                k, v = k[:, :, :key_length], v[:, :, :key_length]
         implementation = self.config._attn_implementation
         if implementation == "flex_attention":
             # v is a strided view of the fused projection; inductor's CPU flex kernel (torch 2.13) reads such a
@@ -298,9 +337,9 @@ class NanoChatAttention(nn.Module):
                     "'sdpa' (the default), 'eager' or 'flex_attention' there, or move the model to a GPU."
                 )
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, sdpa_window_attention_forward)
-        out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0,
-                           sliding_window=self.sliding_window, **kwargs)
-        return self.o_proj(out.reshape(B, T, -1))
+        out, weights = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0,
+                                 sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(out.reshape(B, T, -1)), weights
 
 
 class NanoChatMLP(nn.Module):
@@ -328,12 +367,13 @@ class NanoChatDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
-        attn = self.self_attn(
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The new residual stream, and the attention weights where the backend forms them (eager)."""
+        attn, weights = self.self_attn(
             rms_norm(hidden_states, self.eps), value_embedding, position_embeddings, attention_mask, cache, **kwargs
         )
         hidden_states = hidden_states + attn
-        return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
+        return hidden_states + self.mlp(rms_norm(hidden_states, self.eps)), weights
 
 
 class NanoChatPreTrainedModel(PreTrainedModel):
@@ -360,6 +400,42 @@ class NanoChatPreTrainedModel(PreTrainedModel):
                 "'kernels-community/flash-attn3' on Hopper. Without them use 'sdpa' (the default) or "
                 "'flex_attention'; on the CPU, 'sdpa' or 'eager'."
             ) from error
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """transformers' resize, for every token table: the input embeddings, the lm_head and the 2026 value
+        embeddings. `config.vocab_size` stays the real token count; the tables keep `pad_vocab_size_to` padding
+        (`pad_to_multiple_of`, if given, becomes the new padding)."""
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return self.get_input_embeddings()
+        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            # transformers' own wording (typo included), which callers may match
+            raise ValueError(
+                f"Asking to pad the embedding matrix to a multiple of `{pad_to_multiple_of}`, which is not and "
+                "integer. Please make sure to pass an integer"
+            )
+        config = self.config
+        vocab = config.vocab_size if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            config.pad_vocab_size_to = pad_to_multiple_of
+        rows = math.ceil(vocab / config.pad_vocab_size_to) * config.pad_vocab_size_to
+        embeddings = super().resize_token_embeddings(rows, None, mean_resizing)
+        model = getattr(self, self.base_model_prefix, self)
+        for key, table in list(model.value_embeds.items()):
+            model.value_embeds[key] = self._get_resized_embeddings(table, rows, mean_resizing=mean_resizing)
+        tables = [(self.get_input_embeddings(), "embed"), (self.get_output_embeddings(), "lm_head")]
+        tables += [(table, "value_embed") for table in model.value_embeds.values()]
+        for table, role in tables:
+            if table is None:
+                continue
+            _with_role(table, role)  # kept or rebuilt, each table keeps its init role
+            # transformers swaps the rows in through `weight.data`; a parameter that was in an autograd graph
+            # before keeps expecting its old shape from backward, so each table gets a fresh parameter
+            table.weight = nn.Parameter(table.weight.detach(), requires_grad=table.weight.requires_grad)
+        config.vocab_size = vocab
+        self.vocab_size = vocab
+        return embeddings
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -471,6 +547,7 @@ class NanoChatModel(NanoChatPreTrainedModel):
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., : self.config.smear_gate_channels]))
         return x + gate * prev
 
+    @_renamed_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -480,15 +557,24 @@ class NanoChatModel(NanoChatPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         config = self.config
-        cache = cache if cache is not None else past_key_values
+        cache = _cache_argument(cache, past_key_values)
+        output_attentions, output_hidden_states, return_dict = _output_flags(
+            config, output_attentions, output_hidden_states, return_dict
+        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("NanoChatModel: pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is None and (config.value_embeds or config.smear):
+        if input_ids is None and config.value_embeds:
             # Value embeddings are looked up by token id, so embeddings alone cannot drive this model.
-            raise ValueError("NanoChatModel: value embeddings need `input_ids`; `inputs_embeds` alone is not enough.")
+            raise ValueError(
+                "NanoChatModel: this model has value embeddings (the 2026 generation), which are looked up by token "
+                "id: pass `input_ids`; `inputs_embeds` alone is not enough."
+            )
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"NanoChatModel: `attention_mask` must be a 2-D (batch, keys) padding mask, got {attention_mask.dim()}-D."
@@ -496,7 +582,8 @@ class NanoChatModel(NanoChatPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
-        past_len = cache.get_seq_length() if cache is not None else 0
+        # int(): a static cache counts in a tensor it increments in place as the layers write to it
+        past_len = int(cache.get_seq_length()) if cache is not None else 0
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
@@ -520,25 +607,40 @@ class NanoChatModel(NanoChatPreTrainedModel):
             if position_ids is None:
                 position_ids = torch.arange(past_len, past_len + T, device=x.device)[None]
             position_embeddings = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
+        all_hidden = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         x_backout = None
         for i, layer in enumerate(self.layers):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if output_hidden_states:  # transformers' convention: what enters each layer, then the final output
+                all_hidden += (x,)
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
-            x = layer(
+            x, weights = layer(
                 x,
                 ve,
                 position_embeddings=position_embeddings,
                 attention_mask=masks[layer.self_attn.window],
                 cache=cache,
+                key_length=past_len + T,
                 **kwargs,
             )
+            if output_attentions:
+                all_attentions += (weights,)
             if i == config.backout_layer:
                 x_backout = x
         if self.backout_lambda is not None:
             x = x - self.backout_lambda * x_backout
         x = rms_norm(x, config.rms_norm_eps)
-        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
+        if output_hidden_states:
+            all_hidden += (x,)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=all_hidden,
+            attentions=all_attentions,
+            **{_CACHE_FIELD: cache if use_cache else None},
+        )
+        return output if return_dict else output.to_tuple()
 
 
 class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
@@ -563,6 +665,7 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @_renamed_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -574,15 +677,22 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
+        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -594,7 +704,19 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+        )
+        return output if return_dict else output.to_tuple()
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """generate() would build a 4-D mask for a static cache; this model builds its per-window masks itself from
+        the 2-D padding mask, with any cache."""
+        return attention_mask
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits over the real vocabulary from final hidden states of any shape (..., hidden_size).

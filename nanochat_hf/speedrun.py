@@ -20,6 +20,7 @@ resumes from its last checkpoint. The run folder:
     report.md, report/*.png         the report card
 """
 
+import codecs
 import datetime
 import json
 import os
@@ -99,18 +100,51 @@ def launcher(tier: Tier, accelerate_config: str | None = None) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config, "-m"]
 
 
+def final_text(line: str) -> str:
+    """What is left of `line` (no newline) once the carriage returns in it have done their work: the last segment
+    that is not blank (a progress bar's final state, or the message printed over a cleared bar)."""
+    segments = line.split("\r")
+    return next((s for s in reversed(segments) if s.strip()), segments[-1])
+
+
 def run_logged(command: list[str], log_path: Path, env: dict | None = None) -> None:
-    """Run `command`, echoing its output and keeping a copy in `log_path`; raise StageFailed if it fails."""
+    """Run `command`, echoing its output and keeping a copy in `log_path`; raise StageFailed if it fails.
+
+    The log gets every line as soon as the stage prints it (`tail -f` follows a stage), with what carriage returns
+    overwrite left out: a progress bar leaves its final state, not one line per redraw. A terminal sees the raw
+    stream, bars and all; anything else (a pipe, a file) sees the log's lines."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
+    live = sys.stdout.isatty()
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pending = b""
+    with open(log_path, "a", encoding="utf-8") as log:
+
+        def emit(raw: bytes) -> None:
+            text = raw.decode("utf-8", "replace").removesuffix("\r")
+            if text and not text.strip() and "\r" in text:
+                return  # only a cleared bar: nothing a reader would see
+            line = final_text(text) + "\n"
+            log.write(line)
+            log.flush()
+            if not live:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, **(env or {})}, bufsize=1)
+        # unbuffered: a Python stage writes each line when it prints it, not when a pipe buffer fills
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         assert process.stdout is not None
-        for line in process.stdout:
-            sys.stdout.write(line)
-            log.write(line)
+        while chunk := process.stdout.read1(65536):
+            if live:
+                sys.stdout.write(decoder.decode(chunk))
+                sys.stdout.flush()
+            *lines, pending = (pending + chunk).split(b"\n")
+            for raw in lines:
+                emit(raw)
+        if pending:
+            emit(pending)
         code = process.wait()
     if code != 0:
         raise StageFailed(f"`{' '.join(command[-6:])}` exited with {code}; see {log_path}")

@@ -14,13 +14,17 @@ RUN=${RUN:-runs/$TIER}
 RECIPES=recipes/$TIER
 [[ -f "$RECIPES/pretrain.yaml" ]] || { echo "no recipes for tier $TIER in $RECIPES" >&2; exit 2; }
 mkdir -p "$RUN/logs"
+# Each stage's output goes to the terminal as it comes and to logs/<stage>.log line by line, with a progress bar
+# kept only in its final state (no carriage-return residue), so `tail -f` follows it.
+export PYTHONUNBUFFERED=1
+logged() { local name=$1; shift; "$@" 2>&1 | tee >(sed -u 's/.*\r//' > "$RUN/logs/$name.log"); }
 
 if [[ "$TIER" == cpu ]]; then
   LAUNCH=(python -m)
   DATA=$RUN/corpus
   EVAL=(--tier cpu --max-per-task 32)
   # 1. the embedded corpus (CPython's docs; nanochat_hf/data/embedded.py) and its tokenizer, vocab 8192
-  nanochat-hf tokenizer train --vocab-size 8192 --out "$RUN/tokenizer" | tee "$RUN/logs/tokenizer.log"
+  logged tokenizer nanochat-hf tokenizer train --vocab-size 8192 --out "$RUN/tokenizer"
   python -c "from nanochat_hf.data.embedded import write_corpus_shards; write_corpus_shards('$DATA')"
   BPB=(--bpb-data "$DATA" --bpb-tokens 65536)
 else
@@ -28,41 +32,41 @@ else
   DATA=karpathy/climbmix-400b-shuffle
   EVAL=()
   # 1. tokenizer: 2B characters of the pretraining text, vocab 32768
-  nanochat-hf tokenizer train --data "$DATA" --vocab-size 32768 --max-chars 2000000000 --out "$RUN/tokenizer" \
-    | tee "$RUN/logs/tokenizer.log"
+  logged tokenizer nanochat-hf tokenizer train --data "$DATA" --vocab-size 32768 --max-chars 2000000000 \
+    --out "$RUN/tokenizer"
   BPB=(--bpb-data "$DATA")
 fi
 
 # 2. pretraining on the Trainer with Muon, then CORE + bits per byte. Its final folder keeps optimizer.pt and
 # run_args.json, which the 2026 pipeline's SFT warm-starts from and inherits its batch and LRs from.
-"${LAUNCH[@]}" nanochat_hf.training.pretrain --config "$RECIPES/pretrain.yaml" --output_dir "$RUN/train/pretrain" \
-  --tokenizer "$RUN/tokenizer" --dataset "$DATA" --resume true | tee "$RUN/logs/pretrain.log"
+logged pretrain "${LAUNCH[@]}" nanochat_hf.training.pretrain --config "$RECIPES/pretrain.yaml" --output_dir "$RUN/train/pretrain" \
+  --tokenizer "$RUN/tokenizer" --dataset "$DATA" --resume true
 mv "$RUN/train/pretrain/final" "$RUN/base"
-nanochat-hf eval --model "$RUN/base" --stage base "${EVAL[@]}" "${BPB[@]}" | tee "$RUN/logs/eval_base.log"
+logged eval_base nanochat-hf eval --model "$RUN/base" --stage base "${EVAL[@]}" "${BPB[@]}"
 
 if [[ "$PIPELINE" == 2025 ]]; then
   # 3. midtraining on the conversation mixture, then the chat evaluations
-  "${LAUNCH[@]}" nanochat_hf.training.midtrain --config "$RECIPES/midtrain.yaml" --output_dir "$RUN/train/midtrain" \
-    --init_from "$RUN/base" --resume true | tee "$RUN/logs/midtrain.log"
+  logged midtrain "${LAUNCH[@]}" nanochat_hf.training.midtrain --config "$RECIPES/midtrain.yaml" --output_dir "$RUN/train/midtrain" \
+    --init_from "$RUN/base" --resume true
   mv "$RUN/train/midtrain/final" "$RUN/mid"
-  nanochat-hf eval --model "$RUN/mid" --stage mid "${EVAL[@]}" | tee "$RUN/logs/eval_mid.log"
+  logged eval_mid nanochat-hf eval --model "$RUN/mid" --stage mid "${EVAL[@]}"
   # 4. SFT through TRL: one conversation a row, LRs x 0.02
-  "${LAUNCH[@]}" nanochat_hf.training.sft --config "$RECIPES/sft.yaml" --output_dir "$RUN/train/sft" \
-    --init_from "$RUN/mid" | tee "$RUN/logs/sft.log"
+  logged sft "${LAUNCH[@]}" nanochat_hf.training.sft --config "$RECIPES/sft.yaml" --output_dir "$RUN/train/sft" \
+    --init_from "$RUN/mid"
 else
   # 3-4. HEAD's SFT through TRL, straight from the base model: packed rows, the optimizer warm-started
-  "${LAUNCH[@]}" nanochat_hf.training.sft --config "$RECIPES/sft-2026.yaml" --output_dir "$RUN/train/sft" \
-    --init_from "$RUN/base" | tee "$RUN/logs/sft.log"
+  logged sft "${LAUNCH[@]}" nanochat_hf.training.sft --config "$RECIPES/sft-2026.yaml" --output_dir "$RUN/train/sft" \
+    --init_from "$RUN/base"
 fi
 mv "$RUN/train/sft/final" "$RUN/sft"
-nanochat-hf eval --model "$RUN/sft" --stage sft "${EVAL[@]}" | tee "$RUN/logs/eval_sft.log"
+logged eval_sft nanochat-hf eval --model "$RUN/sft" --stage sft "${EVAL[@]}"
 
 # 5. (optional) RL through TRL's GRPO: GSM8K on the GPU tiers, arithmetic on cpu
 if [[ "${WITH_RL:-0}" == 1 ]]; then
-  "${LAUNCH[@]}" nanochat_hf.training.rl --config "$RECIPES/rl.yaml" --output_dir "$RUN/train/rl" \
-    --init_from "$RUN/sft" | tee "$RUN/logs/rl.log"
+  logged rl "${LAUNCH[@]}" nanochat_hf.training.rl --config "$RECIPES/rl.yaml" --output_dir "$RUN/train/rl" \
+    --init_from "$RUN/sft"
   mv "$RUN/train/rl/final" "$RUN/rl"
-  nanochat-hf eval --model "$RUN/rl" --stage rl "${EVAL[@]}" | tee "$RUN/logs/eval_rl.log"
+  logged eval_rl nanochat-hf eval --model "$RUN/rl" --stage rl "${EVAL[@]}"
 fi
 
 # 6. the report card

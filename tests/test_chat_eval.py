@@ -6,6 +6,7 @@ nanochat_hf.evaluation.evaluate`, and the lighteval custom tasks through the lig
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -239,6 +240,8 @@ def test_cpu_tier_eval_end_to_end(tmp_path, scripted_checkpoint):
     assert chat_results["chatcore"] is None and chat_results["chatcore_cat"] is None
     assert "ends_turn_rate: 1.0000" in proc.stdout
     assert "ChatCORE: not computed (it needs ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval)" in proc.stdout
+    for name in ("Arithmetic", "SimpleSpelling", "SpellingBee"):  # a progress bar per task, count and ETA
+        assert re.search(rf"{name}: 100%\|.*\| 2/2 \[\d\d:\d\d<\d\d:\d\d", proc.stderr), name
 
 
 def test_cpu_tier_base_stage_scores_bits_per_byte_without_a_bundle(tmp_path, tiny_checkpoint, monkeypatch):
@@ -263,6 +266,30 @@ def test_cpu_tier_base_stage_scores_bits_per_byte_without_a_bundle(tmp_path, tin
         evaluate.main(["--model", str(tiny_checkpoint), "--tier", "tpu"])
     with pytest.raises(ValueError, match="tier 'gpu'"):
         evaluate.evaluate_checkpoint(str(tiny_checkpoint), "sft", tier="gpu")
+
+
+def test_missing_hub_data_is_named_with_the_flag_that_points_at_a_copy(tmp_path, data_dir, monkeypatch):
+    chat.check_hub_data(data_dir)  # everything there
+    partial = tmp_path / "partial"
+    shutil.copytree(data_dir / "allenai", partial / "allenai")
+    with pytest.raises(ValueError) as err:
+        chat.check_hub_data(partial)
+    message = str(err.value)
+    assert f"not found in --data-dir {partial}: cais/mmlu, openai/gsm8k, openai/openai_humaneval" in message
+    assert "--data-dir DIR" in message and "NANOCHAT_CHAT_DATA_DIR=DIR" in message and "\n" not in message
+    assert "allenai/ai2_arc" not in message  # words_alpha.txt is not required here: online, it is downloaded
+    assert len(chat.hub_eval_set("arc_easy", 2, partial)) == 1  # the fixture has one test row
+    with pytest.raises(ValueError, match=r"not found in --data-dir .*: openai/gsm8k; .*--data-dir DIR"):
+        chat.hub_eval_set("gsm8k", 2, partial)
+
+    def unreachable(name, split, path):  # what `datasets` raises where the Hub cannot be reached
+        raise ConnectionError(f"Couldn't reach '{chat.HUB_REPOS[name]}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(chat, "load_task", unreachable)
+    with pytest.raises(ValueError, match=r"^chat eval data not found \(the Hub is unreachable: Couldn't reach "
+                       r"'cais/mmlu' .*\): cais/mmlu; copy it while online \(`hf download cais/mmlu --repo-type "
+                       r"dataset --local-dir DIR/cais/mmlu`\), then pass --data-dir DIR"):
+        chat.hub_eval_set("mmlu", 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

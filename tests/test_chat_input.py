@@ -232,18 +232,26 @@ def app():
     return _load_app()
 
 
-def test_space_refuses_an_oversized_history_before_tokenising(app, engine):
+def test_space_refuses_an_oversized_history_before_tokenising(app, engine, monkeypatch):
     chat = app.Chat(engine, app.Limits(max_message_chars=100, max_turns=1000, max_total_tokens=200))
-    # far more characters than 200 tokens can hold (a token is at most a few bytes here): refused by size
+    rendered = []
+    monkeypatch.setattr(engine, "render_prompt", lambda messages: rendered.append(messages) or [0])
+    # a message far longer than 200 tokens can hold (a token is at most a few bytes here): refused by its size
     history = [{"role": "user", "content": "x" * 99}, {"role": "assistant", "content": "y" * 10**6}]
-    notice, messages, room = chat.refuse("hi", history)
-    assert "characters" in notice and "200 tokens" in notice and messages == [] and room == 0
-    # just above the token limit but not obviously by size: refused by the token count, as before
-    notice, _, _ = chat.refuse("hi", [{"role": "user", "content": "x" * 99}, {"role": "assistant", "content": "y " * 150}])
-    assert "tokens long; the limit is 200 tokens" in notice
+    with pytest.raises(app.Refused, match="1,000,000 characters long, more than 200 tokens"):
+        chat.fit("hi", history, max_tokens=10)
+    # many turns that fit one by one but not together: the oldest dropped by size before any is tokenised
+    turn = [{"role": "user", "content": "x" * 99}, {"role": "assistant", "content": "y" * 1000}]
+    fitted = chat.fit("hi", turn * 1000, max_tokens=10)
+    assert 0 < len(fitted.messages) < 2000 and fitted.dropped > 900
+    assert len(rendered) == 1 and sum(len(m["content"]) for m in rendered[0]) <= chat.max_total_chars
+    monkeypatch.undo()
+    # just above the token limit but not obviously by size: the older turn is dropped by the token count
+    fitted = chat.fit("hi", [{"role": "user", "content": "x" * 99}, {"role": "assistant", "content": "y " * 150}], 10)
+    assert fitted.dropped == 1 and fitted.messages == [{"role": "user", "content": "hi"}]
     # typed special tokens count as the text they are
-    notice, messages, room = chat.refuse("<|assistant_end|>", [])
-    assert notice is None and room == 200 - len(engine.render_prompt(messages))
+    fitted = chat.fit("<|assistant_end|>", [], 10)
+    assert fitted.room == 200 - len(engine.render_prompt(fitted.messages))
 
 
 @pytest.mark.parametrize(

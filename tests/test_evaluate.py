@@ -2,7 +2,11 @@
 
 import json
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,9 +33,14 @@ def test_base_stage_writes_core_and_bpb_beside_the_checkpoint(tmp_path, tiny_che
     # 1100 tokens at 2 x 256 per batch: rounded down to whole batches, as nanochat's base_eval does (2 batches).
     evaluate.main(["--model", str(model_dir), "--bundle", str(bundle), "--max-per-task", "3", "--bpb-data",
                    str(data), "--bpb-tokens", "1100", "--batch-size", "2"])
-    printed = capsys.readouterr().out
+    printed, bars = capsys.readouterr()
     results = json.loads((model_dir / "eval_base.json").read_text())
     assert "CORE metric:" in printed and "eval_base.json" in printed
+    # a progress bar per task and per bits-per-byte split on stderr, with its count and ETA (elapsed<remaining)
+    for label in LABELS:
+        assert re.search(rf"{label}: 100%\|.*\| 3/3 \[\d\d:\d\d<\d\d:\d\d", bars), label
+    for split in ("train", "val"):
+        assert re.search(rf"bits per byte \({split}\): 100%\|.*\| 2/2 \[", bars), split
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -130,6 +139,7 @@ def test_chat_stage_writes_chatcore_with_spellingbee_beside(tmp_path, tiny_check
         return lambda model, tokenizer, max_per_task, **kwargs: {"accuracy": accuracies[name], "examples": 4}
 
     monkeypatch.setattr(chat, "HUB_CHAT_EVALS", {name: fixed(name) for name in accuracies})
+    monkeypatch.setattr(chat, "check_hub_data", lambda data_dir=None: None)  # even where HF_HUB_OFFLINE is set
     out = tmp_path / "eval_sft.json"
     evaluate.main(["--model", str(tiny_checkpoint), "--stage", "sft", "--max-per-task", "4", "--output", str(out)])
     printed = capsys.readouterr().out
@@ -138,3 +148,25 @@ def test_chat_stage_writes_chatcore_with_spellingbee_beside(tmp_path, tiny_check
     assert results["chatcore"] == pytest.approx(0.15) and results["chatcore_cat"] == pytest.approx(0.2)
     assert "ChatCORE: 0.1500" in printed and "ChatCORE_cat: 0.2000" in printed
     assert "SpellingBee      accuracy 0.9000" in printed
+
+
+@pytest.mark.parametrize("stage,names,flag", [
+    ("base", ["eval_bundle.zip"], "--bundle FILE"),
+    ("sft", ["allenai/ai2_arc", "cais/mmlu", "openai/gsm8k", "openai/openai_humaneval", "words_alpha.txt"],
+     "--data-dir DIR"),
+])
+def test_offline_eval_names_the_missing_data_and_how_to_point_at_a_copy(tmp_path, tiny_checkpoint, stage, names,
+                                                                        flag):
+    """The default tier (d20) offline with an empty Hub cache: one line naming every missing dataset and the flag
+    that points at a local copy, exit status 2, before the model loads."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "NANOCHAT_HF_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("NANOCHAT_EVAL_BUNDLE", None)
+    proc = subprocess.run([sys.executable, "-m", "nanochat_hf", "eval", "--model", str(tiny_checkpoint), "--stage",
+                           stage], capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0] == proc.stderr.splitlines()[-1], proc.stderr[-3000:]
+    assert errors[0].startswith("nanochat-hf eval: error: ") and flag in errors[0]
+    assert all(name in errors[0] for name in names), errors[0]
+    assert "Loading weights" not in proc.stderr and not list(tiny_checkpoint.glob("eval_*.json"))

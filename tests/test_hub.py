@@ -20,15 +20,8 @@ from huggingface_hub import ModelCard, ModelCardData, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from nanochat_hf import NanoChatForCausalLM
-from nanochat_hf.hub.push import (
-    HubError,
-    find_results_files,
-    main,
-    push,
-    read_results,
-    stage_model_repo,
-    stage_space_repo,
-)
+from nanochat_hf.hub.model_card import clean_text, find_results_files, publishable_report, read_results
+from nanochat_hf.hub.push import HubError, main, push, stage_model_repo, stage_space_repo
 
 from .hub_cache import populate_hub_cache
 
@@ -111,7 +104,8 @@ def staged(run_dir, tmp_path_factory):
 def test_staged_folder_holds_exactly_the_repo_files(staged, tiny_checkpoint):
     assert sorted(p.name for p in staged.iterdir()) == sorted([
         "README.md", "config.json", "configuration_nanochat.py", "modeling_nanochat.py", "model.safetensors",
-        "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+        "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "report.md",
+        "custom_generate",  # the calculator tool loop for generate() (tests/test_custom_generate.py)
     ])
     config = json.loads((staged / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_nanochat.NanoChatConfig",
@@ -140,15 +134,21 @@ def test_model_card_metadata_is_valid(staged):
     data = ModelCardData(**metadata)
     assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
     assert {"nanochat", "custom_code"} <= set(data.tags)
-    assert "HuggingFaceTB/smol-smoltalk" in data.datasets
+    # no speedrun.json beside the checkpoint: no record of its training data, so no claim about it
+    assert data.datasets is None and "makes no claim about how it was trained" in card.text
     name, results = model_index_to_eval_results(metadata["model-index"])
     assert name == "nanochat-tiny"
-    found = {(r.dataset_name, r.metric_type): r.metric_value for r in results}
-    assert found == {("CORE", "acc"): 0.2219, ("GSM8K", "em"): 0.0455, ("ARC-Easy", "accuracy"): 0.3876,
-                     ("GSM8K", "accuracy"): 0.0455, ("ChatCORE", "chatcore"): 0.0884,
-                     ("ChatCORE_cat", "chatcore_cat"): 0.1021, ("SpellingBee", "accuracy"): 0.5}
-    arc = next(r for r in results if r.dataset_name == "ARC-Easy")
-    assert (arc.dataset_type, arc.dataset_config) == ("allenai/ai2_arc", "ARC-Easy")
+    # every result measured, under lighteval's task and metric names (evals/README.md)
+    found = {(r.task_name, r.metric_type): r.metric_value for r in results}
+    assert found == {("core|0", "acc"): 0.2219, ("chat:gsm8k|0", "em"): 0.0455, ("chat:arc_easy|0", "acc"): 0.3876,
+                     ("chat:gsm8k|0", "acc"): 0.0455, ("ChatCORE", "chatcore"): 0.0884,
+                     ("ChatCORE_cat", "chatcore_cat"): 0.1021, ("chat:spellingbee|0", "acc"): 0.5}
+    arc = next(r for r in results if r.task_name == "chat:arc_easy|0")
+    assert (arc.task_type, arc.dataset_type, arc.dataset_config, arc.dataset_split) == (
+        "multiple-choice", "allenai/ai2_arc", "ARC-Easy", "test")
+    gsm8k = next(r for r in results if r.task_name == "chat:gsm8k|0")
+    assert (gsm8k.task_type, gsm8k.dataset_type) == ("text-generation", "openai/gsm8k")
+    assert "| `chat:arc_easy\\|0` | acc | 0.3876 |" in card.text  # the pipe escaped inside the table
     # the report card is in the body, its headings below the card's own
     assert "## nanochat training report" in card.text and "| CORE | 0.2219 | - |" in card.text
 
@@ -171,8 +171,9 @@ def test_results_reading_is_tolerant(tmp_path):
     assert {p.name for p in files} == {"eval_base.json", "results_2026.json", "eval_results.json", "sft_results.json",
                                        "broken_results.json", "empty_results.json"}
     got = {(r.task, r.metric, r.value) for r in read_results(files)}
-    assert got == {("CORE", "centered_accuracy", 0.2219), ("bits_per_byte", "bpb", 0.81), ("core", "acc", 0.2219), ("gsm8k", "em", 0.0455), ("CORE", "score", 0.25),
-                   ("ChatCORE", "score", 0.1), ("sft/mmlu", "acc", 0.31)}
+    assert got == {("core|0", "centered", 0.2219), ("bits_per_byte", "bpb", 0.81), ("core|0", "acc", 0.2219),
+                   ("chat:gsm8k|0", "em", 0.0455), ("CORE", "score", 0.25), ("ChatCORE", "score", 0.1),
+                   ("sft/mmlu", "acc", 0.31)}
 
 
 def test_a_base_eval_with_bits_per_byte_alone_gives_the_validation_bpb(tmp_path):
@@ -191,6 +192,64 @@ def test_no_results_and_no_report_still_make_a_valid_card(tiny_checkpoint, tmp_p
     metadata = metadata_load(staged / "README.md")
     assert "model-index" not in metadata and "datasets" not in metadata
     ModelCardData(**metadata)
+
+
+def test_published_text_keeps_no_local_path_and_no_progress_bar_residue(tmp_path):
+    from nanochat_hf.hub.model_card import local_roots
+
+    run = tmp_path / "run"
+    text = (f"data: {run}/corpus\n"
+            "Loading weights:   0%|          | 0/35 [00:00<?, ?it/s]\n"
+            "Loading weights: 100%|##########| 35/35 [00:00<00:00, 300.00it/s]\n"
+            "step 1\rstep 2\rstep 3 done\r\n"
+            f"$ {sys.prefix}/bin/python -m nanochat_hf.evaluation.evaluate\n"
+            "see /srv/cache/bundle/core.yaml, https://huggingface.co/datasets/openai/gsm8k and "
+            "train/<stage>/losses.jsonl\n")
+    assert clean_text(text, local_roots(run)).splitlines() == [
+        "data: ./corpus",
+        "Loading weights: 100%|##########| 35/35 [00:00<00:00, 300.00it/s]",  # only the bar's final state
+        "step 3 done",  # what the terminal showed last
+        "$ <python>/bin/python -m nanochat_hf.evaluation.evaluate",
+        "see <local path>, https://huggingface.co/datasets/openai/gsm8k and train/<stage>/losses.jsonl",
+    ]
+
+
+def test_the_published_report_drops_the_run_folder_and_the_stage_logs(tmp_path):
+    run = tmp_path / "run"
+    report = "\n".join([
+        "# nanochat-hf training report", "", f"- Run folder: `{run}`", "- Tier: cpu", "",
+        "## Stage logs", "", "### logs/pretrain.log (last 2 lines)", "", "````",
+        "## a log line, not a heading", f"$ python -m nanochat_hf.training.pretrain --output_dir {run}/train", "````",
+        "", "## Notes", "", "- `train/sft/bpb.jsonl` could not be read", "",
+    ])
+    assert publishable_report(report, {run: "."}) == (
+        "# nanochat-hf training report\n\n- Tier: cpu\n\n## Notes\n\n- `train/sft/bpb.jsonl` could not be read\n")
+
+
+def test_the_report_and_its_plots_are_staged_beside_the_card(tiny_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run / "sft")
+    (run / "report").mkdir()
+    (run / "report" / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n a plot")
+    (run / "report.md").write_text(f"# report\n\n- Run folder: `{run}`\n\n![training loss](report/loss.png)\n\n"
+                                   f"![gone](report/gone.png)\n![absolute]({run / 'report' / 'loss.png'})\n")
+    staged = stage_model_repo(run / "sft", tmp_path / "out", REPO_ID, datasets=["karpathy/climbmix-400b-shuffle"])
+    assert (staged / "report" / "loss.png").read_bytes() == b"\x89PNG\r\n\x1a\n a plot"
+    assert sorted(p.name for p in (staged / "report").iterdir()) == ["loss.png"]
+    card = ModelCard.load(staged / "README.md")
+    assert card.text.count("(report/loss.png)") == 2 and "gone" not in card.text
+    assert metadata_load(staged / "README.md")["datasets"] == ["karpathy/climbmix-400b-shuffle"]  # as given
+    published = (staged / "report.md").read_text()
+    assert "![training loss](report/loss.png)" in published and str(tmp_path) not in published + card.text
+
+
+def test_a_run_folder_must_be_a_speedrun_holding_the_model(tiny_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no speedrun.json"):
+        stage_model_repo(tiny_checkpoint, tmp_path / "out", REPO_ID, run_dir=tmp_path)
+    (tmp_path / "speedrun.json").write_text(json.dumps({"tier": "cpu", "pipeline": "2025", "stages": {}}))
+    with pytest.raises(ValueError, match="is not one of the model folders"):
+        stage_model_repo(tiny_checkpoint, tmp_path / "out", REPO_ID, run_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -188,16 +188,136 @@ def test_logits_to_keep(tiny_model_factory):
     assert torch.allclose(picked, full[:, [0, 5]], atol=1e-6)
 
 
-def test_gradient_checkpointing_gives_same_gradients(tiny_model_factory):
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("generation", ["2025", "2026"])
+@pytest.mark.parametrize("enable", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
+def test_gradient_checkpointing_gives_same_gradients(tiny_model_factory, generation, enable):
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model_factory("2026", seed=11).train()
+        model = tiny_model_factory(generation, seed=11).train()
+        assert model.supports_gradient_checkpointing
         if checkpointing:
-            model.activation_checkpointing_enable()
+            getattr(model, enable)()
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
         ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(11))
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers conformance: output switches, tuples, the static cache, resizing
+
+
+@pytest.mark.parametrize("generation", ["2025", "2026"])
+def test_output_hidden_states_has_every_layer(tiny_model_factory, generation):
+    model = tiny_model_factory(generation, seed=20)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(20))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        base = model.model(ids)
+    # what enters each of the 4 layers, then the final normed output
+    assert len(out.hidden_states) == 5
+    assert all(h.shape == (2, 10, 64) for h in out.hidden_states)
+    assert torch.equal(out.hidden_states[-1], base.last_hidden_state)
+    assert base.hidden_states is None and model(ids).hidden_states is None
+    # the first entry is the normed embedding (2025: nothing else touches it)
+    if generation == "2025":
+        embedded = model.model.embed_tokens(ids)
+        assert torch.allclose(out.hidden_states[0], torch.nn.functional.rms_norm(embedded, (64,)), atol=1e-6)
+
+
+@pytest.mark.parametrize("generation", ["2025", "2026"])
+def test_output_attentions_with_eager(tiny_model_factory, generation):
+    model = tiny_model_factory(generation, seed=21)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():  # sdpa forms no weights: none are returned (and a warning says why)
+        assert model(ids, output_attentions=True).attentions is None
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions
+    assert len(attentions) == 4 and all(a.shape == (1, 4, 12, 12) for a in attentions)
+    assert all(torch.allclose(a.sum(-1), torch.ones(1, 4, 12)) for a in attentions)
+    assert all(torch.all(a.triu(1) == 0) for a in attentions)  # causal
+    if generation == "2026":  # layer 0 is a short-window layer (8 tokens to the left): key 0 is out of reach
+        assert torch.all(attentions[0][..., 9:, 0] == 0) and torch.all(attentions[3][..., 9:, 0] > 0)
+
+
+@pytest.mark.parametrize("generation", ["2025", "2026"])
+def test_return_dict_false_gives_tuples(tiny_model_factory, generation):
+    model = tiny_model_factory(generation, seed=22)
+    ids = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        as_dict = model(ids, labels=ids)
+        as_tuple = model(ids, labels=ids, return_dict=False)
+        base_tuple = model.model(ids, return_dict=False, output_hidden_states=True)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 3  # loss, logits, cache
+    assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.logits)
+    assert isinstance(base_tuple, tuple) and len(base_tuple[2]) == 5
+
+
+def test_past_key_values_still_works_and_warns(tiny_model_factory):
+    model = tiny_model_factory("2026", seed=23)
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(23))
+    with torch.no_grad():
+        expected = model(ids, **{CACHE_KW: DynamicCache(config=model.config)}, use_cache=True).logits
+        if CACHE_KW == "cache":
+            with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+                got = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits
+        else:
+            got = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits
+    assert torch.equal(got, expected)
+
+
+def test_2026_inputs_embeds_alone_refused(tiny_model_factory):
+    model = tiny_model_factory("2026")
+    with pytest.raises(ValueError, match="value embeddings .* pass `input_ids`"):
+        model(inputs_embeds=torch.randn(1, 4, 64))
+
+
+def test_2025_inputs_embeds_equal_ids(tiny_model_factory):
+    model = tiny_model_factory("2025", seed=24)
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(24))
+    with torch.no_grad():
+        assert torch.allclose(model(inputs_embeds=model.model.embed_tokens(ids)).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("generation", ["2025", "2026"])
+def test_static_cache_generates_like_dynamic(tiny_model_factory, generation):
+    model = tiny_model_factory(generation, seed=25)
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(25))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, **kwargs)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert static.shape == (2, 15) and torch.equal(static, dynamic)  # 15 tokens cross the 8-token window
+
+
+@pytest.mark.parametrize("generation", ["2025", "2026"])
+def test_resize_token_embeddings_resizes_every_table(tiny_model_factory, generation):
+    model = tiny_model_factory(generation, seed=26)
+    ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(26))
+    with torch.no_grad():
+        before = model(ids).logits
+    model(ids, labels=ids).loss.backward()  # the old tables were in an autograd graph
+    model.zero_grad()
+    model.resize_token_embeddings(310)
+    rows = 310 if generation == "2025" else 320  # 2026 pads the tables to a multiple of 64
+    assert model.config.vocab_size == 310
+    assert model.model.embed_tokens.weight.shape == (rows, 64) and model.lm_head.weight.shape == (rows, 64)
+    assert [t.weight.shape for t in model.model.value_embeds.values()] == [(rows, 32)] * (2 if generation == "2026" else 0)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert after.shape == (1, 5, 310) and torch.allclose(after[..., :300], before, atol=1e-5)
+    # it trains (new ids included) and generates
+    new_ids = torch.tensor([[305, 1, 2, 309, 3]])
+    model.train()
+    model(new_ids, labels=new_ids).loss.backward()
+    assert model.model.embed_tokens.weight.grad[309].abs().sum() > 0
+    if generation == "2026":
+        assert model.model.value_embeds["3"].weight.grad[309].abs().sum() > 0
+    assert model.eval().generate(new_ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
 
 
 def test_bf16_forward_close_to_fp32(tiny_model_factory):

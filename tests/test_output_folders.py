@@ -218,7 +218,7 @@ def test_a_failed_training_stage_leaves_no_empty_folder(inputs, tmp_path, monkey
     out = tmp_path / "runs" / "sft"
     with pytest.raises(ValueError, match="FSDP"):
         sft_main(["--init_from", str(inputs["model"]), "--conversations", str(conversations), "--output_dir", str(out),
-                  "--device_batch_size", "2", "--target_examples_per_step", "2"])
+                  "--device_batch_size", "2", "--target_examples_per_step", "2", "--eval_every", "-1"])
     assert not (tmp_path / "runs").exists()
 
 

@@ -4,13 +4,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat_hf.cli import PASS_THROUGH, build_parser, main
-from nanochat_hf.speedrun import PIPELINES, ROOT, TIERS, recipe_file, run_speedrun
+from nanochat_hf.speedrun import PIPELINES, ROOT, TIERS, recipe_file, run_logged, run_speedrun
 from nanochat_hf.training.sft import parse_sft_args
 
 
@@ -31,6 +33,11 @@ def _check_run(run_dir, steps: int, stages=("pretrain", "midtrain", "sft")) -> N
     assert set(log["stages"]) >= expected
     for name in expected - {"corpus", "tokenizer"}:
         assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0, name  # every stage's output is kept
+    for log_file in (run_dir / "logs").glob("*.log"):  # bytes: text mode would turn a carriage return into \n
+        assert b"\r" not in log_file.read_bytes(), log_file.name
+    # each evaluation's progress bars, in their final state
+    assert "bits per byte (val): 100%" in (run_dir / "logs" / "eval_base.log").read_text()
+    assert "Arithmetic: 100%" in (run_dir / "logs" / "eval_mid.log").read_text()
     for stage in stages:
         losses = [json.loads(line)["loss"]
                   for line in (run_dir / "train" / stage / "losses.jsonl").read_text().splitlines()]
@@ -66,6 +73,43 @@ def test_a_failing_stage_stops_the_run_and_names_its_log(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "logs/pretrain.log" in result.stderr and "no .parquet, .jsonl, .txt files found" in (run_dir / "logs" / "pretrain.log").read_text()
     assert not (run_dir / "base").exists() and not (run_dir / "mid").exists()
+
+
+# A stage that prints a line, waits to be told to go on, then draws progress bars and prints over a cleared one.
+# `print` without flush: its lines reach the log as printed only if the stage's output is unbuffered.
+STAGE = """
+import pathlib, sys, time
+print("first line")
+while not pathlib.Path(sys.argv[1]).exists():
+    time.sleep(0.05)
+print("\\rbar 1/3\\rbar 2/3\\rbar 3/3")
+print("\\rbar 1/2\\r          \\rmessage over a cleared bar")
+print("\\r    \\r", end="")
+print("after a cleared bar")
+print()
+print("caf\\u00e9 \\u2588\\u2588")
+print("last\\rwords", end="")
+"""
+
+
+def test_stage_logs_follow_the_stage_line_by_line_without_carriage_returns(tmp_path, capsys):
+    script, log, go = tmp_path / "stage.py", tmp_path / "logs" / "stage.log", tmp_path / "go"
+    script.write_text(STAGE)
+    command = [sys.executable, str(script), str(go)]
+    stage = threading.Thread(target=run_logged, args=(command, log))
+    stage.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "first line\n" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "first line\n" in log.read_text(), "the log got the line only when the stage ended"  # tail -f
+    finally:
+        go.touch()
+        stage.join(60)
+    expected = ["first line", "bar 3/3", "message over a cleared bar", "after a cleared bar", "",
+                "caf\u00e9 \u2588\u2588", "words"]
+    assert log.read_bytes().decode().split("\n") == [f"$ {' '.join(command)}", *expected, ""]
+    assert capsys.readouterr().out.split("\n") == [*expected, ""]  # not a terminal: the log's lines
 
 
 @pytest.mark.slow
@@ -186,3 +230,15 @@ def _tiny_corpus(tmp_path):
     for i in range(3):
         (corpus / f"part{i}.txt").write_text(f"Document {i}. " + "Some text for a tokenizer and a model. " * 300)
     return corpus
+
+
+def test_the_speedrun_scripts_logs_keep_a_bar_in_its_final_state_only(tmp_path):
+    """recipes/speedrun.sh's `logged`: the terminal gets the output as it comes, logs/<stage>.log the same lines
+    with each progress bar in its final state (no carriage return), stderr included."""
+    define = next(line for line in SCRIPT.read_text().splitlines() if line.startswith("logged()"))
+    stage = "import sys; print('a\\rbar 1/2\\rbar 2/2'); print('oops', file=sys.stderr); print('done')"
+    script = f"set -euo pipefail; export PYTHONUNBUFFERED=1; mkdir -p \"$RUN/logs\"; {define}\nlogged x {sys.executable} -c \"{stage}\"; sleep 0.5"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={**os.environ, "RUN": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "bar 1/2" in result.stdout  # live on the terminal
+    assert (tmp_path / "logs" / "x.log").read_text() == "bar 2/2\noops\ndone\n"

@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 import random
+import subprocess
+import sys
 import unicodedata
 
 import pytest
@@ -649,3 +651,21 @@ def test_embedded_corpus():
 
     topics = pydoc_data.topics.topics
     assert docs[: len(topics)] == [topics[name] for name in sorted(topics)]  # pydoc topics first, then docstrings
+
+
+def test_checkpoint_tokenizer_loads_in_a_fresh_process_with_stdin_closed(tiny_checkpoint, tmp_path):
+    """AutoTokenizer on a saved model folder, in a process that never imported nanochat_hf: no trust_remote_code,
+    nothing typed on stdin, and the model's context (256 tokens) as model_max_length."""
+    script = (
+        "import sys; from transformers import AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "print('MAX', tok.model_max_length, tok.decode(tok('hello world')['input_ids']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_checkpoint)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MAX 256 <|bos|>hello world" in result.stdout
+    # transformers 5.24's AutoTokenizer reads config.json through AutoConfig first, which still prints its
+    # trust_remote_code question for the folder's auto_map; closed stdin answers it "no" and loading goes on.

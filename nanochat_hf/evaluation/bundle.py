@@ -102,8 +102,9 @@ def _download(into: Path) -> Path:
         if not zip_path.is_file():
             if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
                 raise EvalBundleError(
-                    f"the CORE eval bundle is not in {into} and HF_HUB_OFFLINE is set; point ${BUNDLE_ENV} (or "
-                    f"--bundle) at a local copy of eval_bundle/ or eval_bundle.zip, or go online once"
+                    f"CORE's eval bundle not found offline (HF_HUB_OFFLINE=1): not in {into}; download "
+                    f"{EVAL_BUNDLE_URL} while online, then pass --bundle FILE (or set ${BUNDLE_ENV}=FILE) with the "
+                    f"zip or the unpacked eval_bundle/ folder"
                 )
             partial = zip_path.with_suffix(".zip.part")
             try:

@@ -34,20 +34,23 @@ import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..errors import UsageError
 from ..inference.engine import Engine
 from ..inference.tools import run_python
 from ..tasks import gsm8k_reward, load_task
 from ..tasks.humaneval import humaneval_program
 from ..tasks.mixtures import _REPOS as HUB_REPOS
 from ..tasks.mixtures import NANOCHAT_SHUFFLE_SEED
-from ..tasks.spelling import embedded_words, simple_spelling, spelling_bee
+from ..tasks.spelling import WORD_LIST_URL, embedded_words, simple_spelling, spelling_bee
 from .chatcore import BESIDE_CHATCORE, CATEGORICAL_TASKS, CHATCORE_TASKS, TASK_KEYS, chatcore, chatcore_cat
+from .progress import task_bar
 
 # nanochat's eval sets: split per Hub task; the generated tasks are evaluated on 256 items of their test split.
 HUB_SPLITS = {"arc_easy": "test", "arc_challenge": "test", "mmlu": "test", "gsm8k": "test", "humaneval": "test"}
 GENERATED_EVAL_SIZE = 256
 MAX_TOKENS = {"hub": 512, "cpu": 256}  # nanochat's -m 512; the CPU tier's replies are short (< 200 tokens)
 HUMANEVAL_TIMEOUT_S, HUMANEVAL_MEMORY_MB = 5.0, 256
+DATA_DIR_ENV = "NANOCHAT_CHAT_DATA_DIR"  # lighteval's tasks (evals/chat.py) read local copies from here
 
 
 class ChatEvalError(ValueError):
@@ -90,9 +93,9 @@ def letter_token_ids(tokenizer: PreTrainedTokenizerBase, letters: Sequence[str])
 
 @torch.inference_mode()
 def letter_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict],
-                    batch_size: int = 8) -> list[list[float]]:
+                    batch_size: int = 8, progress: Callable[[int], object] | None = None) -> list[list[float]]:
     """For each multiple-choice row (`messages`, `letters`): the log-probabilities of its letters' tokens right after
-    `<|assistant_start|>` (one forward pass per batch of prompts)."""
+    `<|assistant_start|>` (one forward pass per batch of prompts; `progress(n)` after each batch of n rows)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     bos = tokenizer.convert_tokens_to_ids("<|bos|>")
@@ -111,24 +114,29 @@ def letter_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         answer = torch.log_softmax(logits[torch.arange(len(prompts), device=device), last].float(), dim=-1)  # (B, V)
         for row, row_logprobs in zip(batch, answer, strict=True):
             out.append(row_logprobs[letter_token_ids(tokenizer, row["letters"])].tolist())
+        if progress is not None:
+            progress(len(batch))
     return out
 
 
 def letter_predictions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict],
-                       batch_size: int = 8) -> list[str]:
+                       batch_size: int = 8, progress: Callable[[int], object] | None = None) -> list[str]:
     """nanochat's categorical answer per row: the letter with the highest logit among the row's letters (the
     log-softmax shifts all of them alike, so its argmax is the same)."""
-    scores = letter_logprobs(model, tokenizer, rows, batch_size)
+    scores = letter_logprobs(model, tokenizer, rows, batch_size, progress)
     return [row["letters"][max(range(len(s)), key=s.__getitem__)] for row, s in zip(rows, scores, strict=True)]
 
 
 def evaluate_multiple_choice(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
-                             *, batch_size: int = 8, details: bool = False, **_unused) -> dict:
-    """Accuracy of the categorical letter answers over `dataset` (rows with `messages`, `letters`, `answer`)."""
+                             *, batch_size: int = 8, details: bool = False, desc: str | None = None,
+                             **_unused) -> dict:
+    """Accuracy of the categorical letter answers over `dataset` (rows with `messages`, `letters`, `answer`); with
+    `desc`, a progress bar of that name on stderr."""
     rows = list(dataset)
     if not rows:
         raise ChatEvalError("no items to evaluate (the dataset is empty, or --max-per-task is 0)")
-    predicted = letter_predictions(model, tokenizer, rows, batch_size)
+    with task_bar(desc, len(rows)) as bar:
+        predicted = letter_predictions(model, tokenizer, rows, batch_size, bar.update)
     correct = [p == row["answer"] for p, row in zip(predicted, rows, strict=True)]
     result = {"accuracy": sum(correct) / len(rows), "examples": len(rows)}
     if details:
@@ -180,24 +188,26 @@ def generate_replies(engine: Engine, prompt_ids: list[int], *, num_samples: int 
 def evaluate_generative(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
                         score: Callable[[dict, Reply], bool], *, num_samples: int = 1, max_tokens: int = 512,
                         temperature: float = 0.0, top_k: int | None = 50, tool_rate: bool = False,
-                        details: bool = False, **_unused) -> dict:
+                        details: bool = False, desc: str | None = None, **_unused) -> dict:
     """pass@`num_samples` accuracy of `score(row, reply)` over `dataset`, with `ends_turn_rate` (and, when
-    `tool_rate`, `calculator_rate`) over all replies."""
+    `tool_rate`, `calculator_rate`) over all replies; with `desc`, a progress bar of that name on stderr."""
     rows = list(dataset)
     if not rows:
         raise ChatEvalError("no items to evaluate (the dataset is empty, or --max-per-task is 0)")
     engine = Engine(model, tokenizer)
     passed, ended, called, items = 0, 0, 0, []
-    for row in rows:
-        replies = generate_replies(engine, render_prompt(tokenizer, row["messages"]), num_samples=num_samples,
-                                   max_tokens=max_tokens, temperature=temperature, top_k=top_k)
-        outcomes = [bool(score(row, reply)) for reply in replies]
-        passed += any(outcomes)
-        ended += sum(r.ended for r in replies)
-        called += sum(r.called_tool for r in replies)
-        if details:
-            items.append({"replies": [r.text for r in replies], "tokens": [r.tokens for r in replies],
-                          "ended": [r.ended for r in replies], "passed": outcomes})
+    with task_bar(desc, len(rows)) as bar:
+        for row in rows:
+            replies = generate_replies(engine, render_prompt(tokenizer, row["messages"]), num_samples=num_samples,
+                                       max_tokens=max_tokens, temperature=temperature, top_k=top_k)
+            outcomes = [bool(score(row, reply)) for reply in replies]
+            passed += any(outcomes)
+            ended += sum(r.ended for r in replies)
+            called += sum(r.called_tool for r in replies)
+            if details:
+                items.append({"replies": [r.text for r in replies], "tokens": [r.tokens for r in replies],
+                              "ended": [r.ended for r in replies], "passed": outcomes})
+            bar.update(1)
     total = len(rows) * num_samples
     result = {"accuracy": passed / len(rows), "examples": len(rows), "replies": total, "ends_turn_rate": ended / total}
     if tool_rate:
@@ -249,17 +259,79 @@ def _eval_size(max_per_task: int) -> int:
     return GENERATED_EVAL_SIZE if max_per_task < 0 else min(GENERATED_EVAL_SIZE, max_per_task)
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def _hub_copy_missing(name: str, data_dir: str | os.PathLike | None) -> bool:
+    """Whether the Hub task `name` cannot be read without the network: no `<data_dir>/<owner>/<name>` when
+    `data_dir` is given, else (offline only) no snapshot in the Hub cache. Online, the download decides."""
+    repo = HUB_REPOS[name]
+    if data_dir is not None:
+        return not (Path(data_dir) / repo).exists()
+    if not _offline():
+        return False
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo, repo_type="dataset")  # offline: a lookup in the local cache only
+    except Exception:  # LocalEntryNotFoundError and friends: nothing usable in the cache
+        return True
+    return False
+
+
+def _words_missing(data_dir: str | os.PathLike | None) -> bool:
+    if data_dir is not None and (Path(data_dir) / "words_alpha.txt").is_file():
+        return False
+    from huggingface_hub import constants
+
+    return _offline() and not (Path(constants.HF_HOME) / "nanochat_hf" / "words_alpha.txt").is_file()
+
+
+def missing_data_error(missing: Sequence[str], data_dir: str | os.PathLike | None, why: str = "") -> UsageError:
+    """One line: which eval data is missing (Hub repo ids, `words_alpha.txt`) and how to point at a local copy."""
+    where = f" in --data-dir {data_dir}" if data_dir is not None else " offline (HF_HUB_OFFLINE=1)" if _offline() else ""
+    repos, how = [m for m in missing if m != "words_alpha.txt"], []
+    if len(repos) == 1:
+        how.append(f"`hf download {repos[0]} --repo-type dataset --local-dir DIR/{repos[0]}`")
+    elif repos:
+        how.append("`hf download <repo> --repo-type dataset --local-dir DIR/<repo>` for each repo")
+    if "words_alpha.txt" in missing:
+        how.append(f"{WORD_LIST_URL} saved as DIR/words_alpha.txt")
+    return UsageError(f"chat eval data not found{where}{why}: {', '.join(missing)}; copy it while online "
+                      f"({' and '.join(how)}), then pass --data-dir DIR (lighteval: ${DATA_DIR_ENV}=DIR)")
+
+
+def check_hub_data(data_dir: str | os.PathLike | None = None) -> None:
+    """Refuse, before a model loads, to run the Hub tier's chat evals when some of their data can only come from
+    the network and it may not: the error lists every missing dataset at once (see `missing_data_error`)."""
+    missing = list(dict.fromkeys(HUB_REPOS[n] for n in HUB_SPLITS if _hub_copy_missing(n, data_dir)))
+    if _words_missing(data_dir):
+        missing.append("words_alpha.txt")
+    if missing:
+        raise missing_data_error(missing, data_dir)
+
+
 def hub_eval_set(name: str, max_per_task: int = -1, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
     """A Hub task's eval split, shuffled with nanochat's seed 42, its first `max_per_task` items (-1 = all).
     `data_dir` holds local copies (`<data_dir>/<owner>/<name>`, as `hf download --local-dir` lays them out)."""
+    if _hub_copy_missing(name, data_dir):
+        raise missing_data_error([HUB_REPOS[name]], data_dir)
     path = Path(data_dir) / HUB_REPOS[name] if data_dir is not None else None
-    dataset = load_task(name, HUB_SPLITS[name], path).shuffle(seed=NANOCHAT_SHUFFLE_SEED)
-    return _first(dataset, max_per_task)
+    try:
+        dataset = load_task(name, HUB_SPLITS[name], path)
+    except (ConnectionError, TimeoutError) as err:  # datasets: "Couldn't reach '<repo>' on the Hub (...)"
+        raise missing_data_error([HUB_REPOS[name]], data_dir, f" (the Hub is unreachable: {err})") from err
+    return _first(dataset.shuffle(seed=NANOCHAT_SHUFFLE_SEED), max_per_task)
 
 
 def spellingbee_eval_set(max_per_task: int = -1, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
     """nanochat's SpellingBee eval: 256 items of the test split over words_alpha.txt (`<data_dir>/words_alpha.txt`
     when present, else the cached download)."""
+    if _words_missing(data_dir):
+        raise missing_data_error(["words_alpha.txt"], data_dir)
     words = Path(data_dir) / "words_alpha.txt" if data_dir is not None else None
     return load_task("spellingbee", "test", words if words is not None and words.is_file() else None,
                      size=_eval_size(max_per_task))

@@ -25,6 +25,7 @@ import inspect
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..inference.engine import KVCache
 from .bundle import CoreTask, load_core_tasks, load_task_data, resolve_bundle
+from .progress import task_bar
 
 FEWSHOT_SEED = 1234
 
@@ -184,9 +186,11 @@ def shared_prefix_length(request: ScoringRequest) -> int:
 
 @torch.no_grad()
 def score_requests(
-    model: torch.nn.Module, requests: list[ScoringRequest], batch_size: int = 8, pad_token_id: int = 0
+    model: torch.nn.Module, requests: list[ScoringRequest], batch_size: int = 8, pad_token_id: int = 0,
+    progress: Callable[[int], object] | None = None,
 ) -> list[ExampleResult]:
-    """Score `requests` with `batch_size` examples per forward pass; results in the order of `requests`.
+    """Score `requests` with `batch_size` examples per forward pass; results in the order of `requests`;
+    `progress(n)` after each batch of n examples.
 
     For a NanoChat model each example's shared prefix is run once: the batch's prefixes are prefilled together
     (left-padded, so every row's last cached token is real), each prefix's KV cache is copied to the rows of its
@@ -210,6 +214,8 @@ def score_requests(
             n = len(r.sequences)
             results[i] = verdict(r, means[j : j + n], greedy[j : j + n])
             j += n
+        if progress is not None:
+            progress(len(group))
     return results  # type: ignore[return-value]
 
 
@@ -311,15 +317,18 @@ def evaluate_task(
     num_eval: int | None = None,
     batch_size: int = 8,
     max_seq_len: int | None = None,
+    desc: str | None = None,
 ) -> list[bool]:
     """Per-example correctness of the first `num_eval` items of the pool. Under torch.distributed each rank takes
-    every world_size-th item and the verdicts are summed across ranks, as nanochat does."""
+    every world_size-th item and the verdicts are summed across ranks, as nanochat does. With `desc`, a progress
+    bar of that name (rank 0's items) on stderr."""
     num_eval = len(data) if num_eval is None else num_eval
     rank, world = _distributed()
     mine = list(range(rank, num_eval, world))
     requests = build_requests(task, data, tokenizer, mine, max_seq_len)
     pad = tokenizer.bos_token_id  # nanochat pads with BOS; any id works for a causal model with right padding
-    results = score_requests(model, requests, batch_size, pad)
+    with task_bar(desc, len(mine)) as bar:
+        results = score_requests(model, requests, batch_size, pad, bar.update)
     correct = torch.zeros(num_eval, dtype=torch.float32, device=next(model.parameters()).device)
     for i, res in zip(mine, results, strict=True):
         correct[i] = float(res.correct)
@@ -336,10 +345,11 @@ def evaluate_core(
     tasks: list[str] | None = None,
     batch_size: int = 8,
     max_seq_len: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """CORE of `model`: ``{"results": {label: accuracy}, "centered_results": {label: centered},
     "core_metric": mean centered, "examples": {label: n}, "seconds": s}``. `tasks` picks a subset by label (CORE
-    then averages only those)."""
+    then averages only those); `progress` shows a bar per task on stderr."""
     bundle_dir = resolve_bundle(bundle)
     all_tasks = load_core_tasks(bundle_dir)
     if tasks is not None:
@@ -352,7 +362,8 @@ def evaluate_core(
     start = time.perf_counter()
     for task in all_tasks:
         data, num_eval = load_task_data(bundle_dir, task, max_per_task)
-        correct = evaluate_task(model, tokenizer, task, data, num_eval, batch_size, max_seq_len)
+        correct = evaluate_task(model, tokenizer, task, data, num_eval, batch_size, max_seq_len,
+                                desc=task.label if progress else None)
         accuracy = sum(correct) / len(correct)
         out["results"][task.label] = accuracy
         out["centered_results"][task.label] = centered(accuracy, task.random_baseline)

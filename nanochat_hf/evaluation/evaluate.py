@@ -15,24 +15,29 @@ d20) evaluates nanochat's Hub tasks.
 
 ``--max-per-task N`` is nanochat's max_per_task (the first N items of each task after its fixed shuffle), so the
 CPU tier evaluates in seconds. Results go to ``<model>/eval_<stage>.json`` unless ``--output`` says otherwise.
+
+Each task (and each bits-per-byte split) shows a progress bar on stderr with its count and ETA. Data that cannot be
+had (offline, or not in ``--data-dir``) is named before the model loads: one line listing every missing dataset and
+the flag that points at a local copy (``--bundle`` for CORE's bundle, ``--data-dir`` for the chat tasks).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import check_source
-from .bundle import BUNDLE_ENV, cache_dir
+from ..errors import check_source, run_command
+from .bundle import BUNDLE_ENV, cache_dir, resolve_bundle
 from .chatcore import CATEGORICAL_TASKS, CHATCORE, CHATCORE_CAT, CHATCORE_TASKS, chatcore, chatcore_cat
 from .core import evaluate_core
+from .progress import task_bar
 
 __all__ = ["CATEGORICAL_TASKS", "CHATCORE_TASKS", "chatcore", "chatcore_cat", "evaluate_checkpoint", "main"]
 
@@ -70,10 +75,12 @@ def bpb_batches(tokens: int, batch_size: int, seq_len: int) -> int:
     return tokens // per_batch
 
 
-def base_bpb(model, tokenizer, data: str, tokens: int = BPB_TOKENS, batch_size: int = 8) -> dict:
+def base_bpb(model, tokenizer, data: str, tokens: int = BPB_TOKENS, batch_size: int = 8,
+             progress: bool = False) -> dict:
     """nanochat's base_eval bits per byte: up to the same number of tokens (see bpb_batches) from the start of
     `data`'s train split and of its validation split, at the model's context length, in the model's dtype.
-    ``tokens_read`` says how many each split gave: a validation split shorter than the budget is read once."""
+    ``tokens_read`` says how many each split gave: a validation split shorter than the budget is read once.
+    `progress` shows a bar per split on stderr."""
     from ..data.pretrain import PretrainStream
     from ..tokenizer.bpe import token_bytes
     from .bpb import evaluate_bpb
@@ -86,12 +93,15 @@ def base_bpb(model, tokenizer, data: str, tokens: int = BPB_TOKENS, batch_size: 
                                 num_workers=0, max_batches=batches)
         read[split] = 0
 
-        def counted(stream=stream, split=split):
+        def counted(bar, stream=stream, split=split):
             for batch in stream:
                 read[split] += batch["input_ids"].numel()
                 yield batch
+                bar.update(1)
+            bar.total = bar.n  # a split shorter than the budget ends early: the bar ends at what it had
 
-        result[f"{split}_bpb"] = evaluate_bpb(model, counted(), token_bytes(tokenizer))
+        with task_bar(f"bits per byte ({split})" if progress else None, batches, unit="batch") as bar:
+            result[f"{split}_bpb"] = evaluate_bpb(model, counted(bar=bar), token_bytes(tokenizer))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return {**result, "tokens": batches * batch_size * seq_len, "tokens_read": read, "dtype": dtype, "data": data}
 
@@ -104,7 +114,7 @@ def _chat_results(model, tokenizer, max_per_task: int, batch_size: int, tier: st
     results = {}
     for name, run in evals.items():
         results[name] = run(model, tokenizer, max_per_task=max_per_task, batch_size=batch_size, data_dir=data_dir,
-                            max_tokens=max_tokens)
+                            max_tokens=max_tokens, desc=name)
     accuracies = {name: r["accuracy"] for name, r in results.items()}
     # None where a task of theirs was not evaluated (the CPU tier evaluates none of them)
     return {"tasks": results, "chatcore": chatcore(accuracies), "chatcore_cat": chatcore_cat(accuracies),
@@ -166,6 +176,14 @@ def evaluate_checkpoint(
     path = Path(model_dir).expanduser()
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json); pass a save_pretrained folder")
+    run_core = stage == "base" and (tier != "cpu" or local_bundle_available(bundle))  # cpu never downloads it
+    # Data that cannot be had is named before the model loads, not after an hour of other tasks.
+    if run_core:
+        resolve_bundle(bundle)
+    elif stage != "base" and tier != "cpu":
+        from .chat import check_hub_data
+
+        check_hub_data(data_dir)
     torch_device = _resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
                                                  dtype=_resolve_dtype(dtype, torch_device))
@@ -176,11 +194,11 @@ def evaluate_checkpoint(
     started = time.perf_counter()
     results: dict = {"model": str(model_dir), "stage": stage, "tier": tier, "max_per_task": max_per_task}
     if stage == "base":
-        if tier != "cpu" or local_bundle_available(bundle):  # the CPU tier never downloads the bundle
+        if run_core:
             results["core"] = evaluate_core(model, tokenizer, bundle, max_per_task=max_per_task, tasks=core_tasks,
-                                            batch_size=batch_size)
+                                            batch_size=batch_size, progress=True)
         if bpb_data is not None:
-            results["bpb"] = base_bpb(model, tokenizer, bpb_data, bpb_tokens, batch_size)
+            results["bpb"] = base_bpb(model, tokenizer, bpb_data, bpb_tokens, batch_size, progress=True)
     else:
         results["chat"] = _chat_results(model, tokenizer, max_per_task, batch_size, tier, data_dir, max_tokens)
     results["seconds"] = time.perf_counter() - started
@@ -192,37 +210,58 @@ def evaluate_checkpoint(
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nanochat-hf eval",
-        description="Evaluate a checkpoint for its stage (base: CORE + bits per byte; mid/sft/rl: chat evals + "
-        "ChatCORE) and write the results JSON beside it.",
-    )
-    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained) or Hub repo id")
-    parser.add_argument("--stage", choices=STAGES, default="base")
-    parser.add_argument("--bundle", help="CORE eval bundle: eval_bundle/ folder or eval_bundle.zip (default: "
-                        "$NANOCHAT_EVAL_BUNDLE, else downloaded once into the cache)")
-    parser.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1 = all, as nanochat)")
-    parser.add_argument("--tasks", help="comma-separated CORE task labels (default: all in the bundle)")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    parser.add_argument("--bpb-data", help="text dataset (Hub id or local folder) for bits per byte on its train and "
-                        "validation splits")
-    parser.add_argument("--bpb-tokens", type=int, default=BPB_TOKENS, help="tokens of each split for bits per byte "
-                        "(default 40 x 524,288, nanochat's base_eval; rounded down to whole batches)")
-    parser.add_argument("--tier", choices=TIERS, default="d20",
-                        help="cpu: offline tasks from the project's generators (and CORE only with a local bundle); "
-                        "other tiers: nanochat's Hub tasks (default d20)")
-    parser.add_argument("--data-dir", help="local copies of the Hub chat tasks, <data-dir>/<owner>/<name> (as "
-                        "`hf download <repo> --repo-type dataset --local-dir` writes them)")
-    parser.add_argument("--max-tokens", type=int, help="token budget of each generated reply (default 512, cpu 256)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    parser.add_argument("--output", help="results JSON path (default: <model>/eval_<stage>.json)")
-    return parser
+@dataclass
+class EvalArguments:
+    """What `nanochat-hf eval` evaluates, and how. Each field is a flag (`--max_per_task` or `--max-per-task`) and
+    can come from a recipe (`--config FILE` or `--config=FILE`), which the command line overrides."""
+
+    model: str = field(metadata={"help": "checkpoint folder (save_pretrained) or Hub repo id"})
+    stage: str = field(default="base", metadata={"choices": STAGES, "help": "the checkpoint's stage"})
+    bundle: str | None = field(default=None, metadata={
+        "help": "CORE eval bundle: eval_bundle/ folder or eval_bundle.zip (default: $NANOCHAT_EVAL_BUNDLE, else "
+                "downloaded once into the cache)"})
+    max_per_task: int = field(default=-1, metadata={"help": "items per task (-1 = all, as nanochat)"})
+    tasks: str | None = field(default=None, metadata={
+        "help": "comma-separated CORE task labels (default: all in the bundle)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per forward pass"})
+    bpb_data: str | None = field(default=None, metadata={
+        "help": "text dataset (Hub id or local folder) for bits per byte on its train and validation splits"})
+    bpb_tokens: int = field(default=BPB_TOKENS, metadata={
+        "help": "tokens of each split for bits per byte (40 x 524,288, nanochat's base_eval; rounded down to whole "
+                "batches)"})
+    tier: str = field(default="d20", metadata={
+        "choices": TIERS, "help": "cpu: offline tasks from the project's generators (and CORE only with a local "
+                                  "bundle); other tiers: nanochat's Hub tasks"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "local copies of the Hub chat tasks, <data-dir>/<owner>/<name> (as `hf download <repo> "
+                "--repo-type dataset --local-dir` writes them)"})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "token budget of each generated reply (default 512, cpu 256)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available)"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
+    output: str | None = field(default=None, metadata={
+        "help": "results JSON path (default: <model>/eval_<stage>.json)"})
+
+
+_PROG = "nanochat-hf eval"
+_DESCRIPTION = ("Evaluate a checkpoint for its stage (base: CORE + bits per byte; mid/sft/rl: chat evals + ChatCORE) "
+                "and write the results JSON beside it.")
+
+
+def build_parser():
+    from ..training.arguments import StageParser  # the stages' parser: recipes, one line per bad input
+
+    return StageParser(EvalArguments, prog=_PROG, description=_DESCRIPTION)
+
+
+def parse_eval_args(argv: list[str] | None = None) -> EvalArguments:
+    from ..training.arguments import parse_stage_args
+
+    return parse_stage_args(argv, EvalArguments, prog=_PROG, description=_DESCRIPTION)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_eval_args(argv)
     results = evaluate_checkpoint(
         args.model, args.stage, bundle=args.bundle, max_per_task=args.max_per_task, batch_size=args.batch_size,
         core_tasks=args.tasks.split(",") if args.tasks else None, bpb_data=args.bpb_data,
@@ -251,5 +290,5 @@ def main(argv: list[str] | None = None) -> None:
     print(f"results written to {results['output']}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m nanochat_hf.evaluation.evaluate`: input errors as in the CLI
+    run_command("eval", main)

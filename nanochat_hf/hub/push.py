@@ -5,20 +5,9 @@ Everything that will be uploaded is first written to a local staging folder by :
 until both folders are complete, and each repository then receives exactly one commit (`HfApi.upload_folder`),
 so a failure leaves the repository as it was.
 
-Where the card's evaluation results come from (read tolerantly, see :func:`find_results_files`):
-
-* ``--results FILE`` (repeatable) names them explicitly; otherwise
-* ``eval_*.json`` in the model folder (what ``nanochat-hf eval`` writes there), every ``*result*.json`` in the model
-  folder and in the folder that holds it (``eval_results.json``, lighteval's ``results_<timestamp>.json``), and
-  ``results/**/*.json`` inside the model folder (lighteval's output layout).
-
-Formats: ``nanochat-hf eval``'s own (``{"stage": ..., "core": {"core_metric": ...}, "bpb": {"val_bpb": ...},
-"chat": {"tasks": {name: {"accuracy": ...}}, "chatcore": ..., "chatcore_cat": ...}}``: its summary numbers are
-taken, not the 22 CORE tasks one by one); lighteval's ``{"results": {"suite|task|shots": {"metric": value}}}``;
-a nested ``{"task": {"metric": value}}`` mapping; a flat ``{"task": value}`` one (``{"CORE": 0.22}``). Other numeric leaves
-become results; ``*_stderr`` entries, lighteval's aggregate ``all`` and its config sections are skipped; a file that
-is not JSON or holds no number is skipped with a warning. The report card is ``--report FILE`` or the first
-``report.md`` found in the model folder, beside it, or in ``report/`` beside it.
+The model card (README.md) is built by :mod:`nanochat_hf.hub.model_card` from the run's own records (the run
+folder: the model folder's parent holding speedrun.json, or ``--run-dir``), the evaluation results and the report
+card; the report (cleaned of local paths and log residue) and its plots (``report/*.png``) are uploaded beside it.
 """
 
 from __future__ import annotations
@@ -29,20 +18,29 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..evaluation.chatcore import CHATCORE, CHATCORE_CAT
 from ..output_folder import check_output_folder, staged_folder
+from .model_card import (
+    PACKAGE_DIR,
+    build_model_card,
+    find_report,
+    find_results_files,
+    find_run_dir,
+    local_roots,
+    publishable_report,
+    read_results,
+    read_run,
+    report_images,
+)
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # The Space sources live in the checkout (like recipes/), not in the installed package.
 SPACE_SOURCE = PACKAGE_DIR.parent / "spaces"
 CODE_FILES = ("configuration_nanochat.py", "modeling_nanochat.py")
@@ -56,27 +54,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 ENGINE_FILES = ("inference/engine.py", "inference/tools.py")
 VENDORED_PACKAGE = "nanochat_engine"
 SPACE_CONFIG = "space_config.json"
-DEFAULT_DATASETS = (
-    "karpathy/climbmix-400b-shuffle",
-    "HuggingFaceTB/smol-smoltalk",
-    "cais/mmlu",
-    "openai/gsm8k",
-)
-# Known evaluation tasks -> (Hub dataset id, dataset config, pretty name); others keep their own name.
-KNOWN_TASKS = {
-    "core": ("core", None, "CORE"),  # DCLM's 22-task bundle: no single Hub dataset
-    "chatcore": ("chatcore", None, CHATCORE),  # the names of evaluation/chatcore.py
-    "chatcorecat": ("chatcore_cat", None, CHATCORE_CAT),
-    "arceasy": ("allenai/ai2_arc", "ARC-Easy", "ARC-Easy"),
-    "arcchallenge": ("allenai/ai2_arc", "ARC-Challenge", "ARC-Challenge"),
-    "mmlu": ("cais/mmlu", "all", "MMLU"),
-    "gsm8k": ("openai/gsm8k", "main", "GSM8K"),
-    "humaneval": ("openai/openai_humaneval", None, "HumanEval"),
-    "spellingbee": ("spellingbee", None, "SpellingBee"),
-    "bitsperbyte": ("validation", None, "bits per byte"),
-}
-_SKIPPED_SECTIONS = {"config_general", "config_tasks", "versions", "summary_tasks", "summary_general", "details",
-                     "hashes", "config", "args"}
 
 
 class HubError(RuntimeError):
@@ -84,128 +61,10 @@ class HubError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class TaskResult:
-    task: str  # as found, e.g. "gsm8k" or "sft/gsm8k"
-    metric: str
-    value: float
-    source: str  # the file it came from
-
-
-@dataclass(frozen=True)
 class PushResult:
     model_url: str
     commit_url: str
     space_url: str | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading the report card and the evaluation results
-
-
-def find_report(model_dir: Path) -> Path | None:
-    for candidate in (model_dir / "report.md", model_dir.parent / "report.md", model_dir.parent / "report" / "report.md"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def find_results_files(model_dir: Path) -> list[Path]:
-    found: list[Path] = sorted(p for p in model_dir.glob("eval_*.json") if p.is_file())
-    for folder in (model_dir, model_dir.parent):
-        found += sorted(p for p in folder.glob("*.json") if "result" in p.name.lower() and p.is_file())
-    found += sorted(p for p in (model_dir / "results").rglob("*.json") if p.is_file())
-    unique: list[Path] = []
-    for path in found:
-        if path.resolve() not in {u.resolve() for u in unique}:
-            unique.append(path)
-    return unique
-
-
-def _task_name(key: str) -> str:
-    # lighteval keys look like "suite|task|shots" and tasks like "chat:gsm8k": keep the task itself.
-    if "|" in key:
-        parts = key.split("|")
-        key = parts[1] if len(parts) >= 2 else parts[0]
-    return key.split(":")[-1]
-
-
-def _numeric_leaves(node, path: tuple[str, ...]) -> Iterable[tuple[tuple[str, ...], float]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            key = str(key)
-            if key in _SKIPPED_SECTIONS or key == "all" or key.endswith("stderr"):
-                continue
-            yield from _numeric_leaves(value, path + (key,))
-    elif isinstance(node, (int, float)) and not isinstance(node, bool):
-        yield path, float(node)
-
-
-def _nanochat_eval_results(data: dict, source: str) -> list[TaskResult]:
-    """The summary numbers of a `nanochat-hf eval` results file."""
-    out = []
-    core, bpb, chat = data.get("core"), data.get("bpb"), data.get("chat")
-    if isinstance(core, dict) and isinstance(core.get("core_metric"), (int, float)):
-        out.append(TaskResult("CORE", "centered_accuracy", float(core["core_metric"]), source))
-    if isinstance(bpb, dict) and isinstance(bpb.get("val_bpb"), (int, float)):
-        out.append(TaskResult("bits_per_byte", "bpb", float(bpb["val_bpb"]), source))
-    if isinstance(chat, dict):
-        for name, result in (chat.get("tasks") or {}).items():
-            if isinstance(result, dict) and isinstance(result.get("accuracy"), (int, float)):
-                out.append(TaskResult(str(name), "accuracy", float(result["accuracy"]), source))
-        for name, key in ((CHATCORE, "chatcore"), (CHATCORE_CAT, "chatcore_cat")):
-            if isinstance(chat.get(key), (int, float)):  # None where not every task of its was evaluated
-                out.append(TaskResult(name, key, float(chat[key]), source))
-    return out
-
-
-def read_results(paths: Sequence[Path]) -> list[TaskResult]:
-    """Every numeric result in `paths` (formats in the module docstring); unreadable files are skipped."""
-    results: list[TaskResult] = []
-    for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            logger.warning("skipping results file %s: %s", path, err)
-            continue
-        if isinstance(data, dict) and "stage" in data and ({"core", "bpb", "chat"} & data.keys()):
-            nanochat = _nanochat_eval_results(data, str(path))
-            if not nanochat:
-                logger.warning("skipping results file %s: it holds no finished evaluation", path)
-            results += nanochat
-            continue
-        if isinstance(data, dict) and isinstance(data.get("results"), dict):
-            data = data["results"]  # lighteval
-        found = list(_numeric_leaves(data, ()))
-        if not found:
-            logger.warning("skipping results file %s: it holds no numeric result", path)
-        for keys, value in found:
-            if len(keys) == 1:
-                task, metric = _task_name(keys[0]), "score"
-            else:
-                task = "/".join([*keys[:-2], _task_name(keys[-2])])
-                metric = keys[-1]
-            results.append(TaskResult(task=task, metric=metric, value=value, source=str(path)))
-    return results
-
-
-def _task_key(task: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", task.split("/")[-1].lower())
-
-
-def eval_results_for_card(results: Sequence[TaskResult]):
-    from huggingface_hub import EvalResult
-
-    cards = []
-    for r in results:
-        dataset, config, pretty = KNOWN_TASKS.get(_task_key(r.task), (r.task, None, r.task))
-        if "/" in r.task and pretty != r.task:  # keep the stage prefix ("sft/GSM8K")
-            pretty = r.task.rsplit("/", 1)[0] + "/" + pretty
-        cards.append(EvalResult(
-            task_type="text-generation", task_name="Text Generation",
-            dataset_type=dataset, dataset_name=pretty, dataset_config=config,
-            metric_type=r.metric, metric_name=r.metric, metric_value=round(r.value, 4),
-        ))
-    return cards
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,76 +150,6 @@ def _generation_config(model_dir: Path, config: dict) -> dict:
     return {"bos_token_id": config.get("bos_token_id"), "eos_token_id": stops, "pad_token_id": config.get("pad_token_id")}
 
 
-def _demote_headings(markdown: str) -> str:
-    # the report's own "# title" would otherwise outrank the card's sections
-    out, fenced = [], False
-    for line in markdown.splitlines():
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-        out.append("#" + line if line.startswith("#") and not fenced else line)
-    return "\n".join(out)
-
-
-def _model_card(repo_id: str, config: dict, num_params: int, results: Sequence[TaskResult], report: str | None,
-                datasets: Sequence[str], license: str, space_id: str | None):
-    from huggingface_hub import ModelCard, ModelCardData
-
-    name = repo_id.split("/")[-1]
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        license=license,
-        language=["en"],
-        tags=["nanochat", "nanochat-hf", "custom_code", "conversational", "text-generation"],
-        datasets=list(datasets) or None,
-        model_name=name,
-        eval_results=eval_results_for_card(results) or None,
-    )
-    layers, width = config.get("num_hidden_layers"), config.get("hidden_size")
-    lines = [
-        f"# {name}",
-        "",
-        f"A nanochat model (d{layers}, {num_params:,} parameters) trained with nanochat-hf, "
-        "[nanochat](https://github.com/karpathy/nanochat)'s recipe rebuilt on the Hugging Face stack.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)',
-        'messages = [{"role": "user", "content": "Why is the sky blue?"}]',
-        "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
-        "out = model.generate(**ids, max_new_tokens=128, do_sample=True, temperature=0.8, top_k=50)",
-        "print(tokenizer.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))",
-        "```",
-        "",
-        "The code (`configuration_nanochat.py`, `modeling_nanochat.py`) ships with the weights and imports only torch "
-        "and transformers, hence `trust_remote_code=True`. The chat template renders nanochat's special tokens.",
-        "",
-        "## Architecture",
-        "",
-        "| field | value |",
-        "|---|---|",
-        f"| generation | {config.get('generation', '?')} |",
-        f"| layers | {layers} |",
-        f"| hidden size | {width} |",
-        f"| attention heads / kv heads | {config.get('num_attention_heads')} / {config.get('num_key_value_heads')} |",
-        f"| context | {config.get('max_position_embeddings')} |",
-        f"| vocabulary | {config.get('vocab_size')} |",
-        f"| parameters | {num_params:,} |",
-    ]
-    if space_id:
-        lines += ["", f"Chat with it in the Space [{space_id}](https://huggingface.co/spaces/{space_id})."]
-    if results:
-        lines += ["", "## Evaluation", "", "| task | metric | value |", "|---|---|---|"]
-        lines += [f"| {r.task} | {r.metric} | {r.value:.4f} |" for r in results]
-    if report:
-        lines += ["", "## Report card", "", _demote_headings(report.strip())]
-    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
-
-
 def stage_model_repo(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -368,7 +157,8 @@ def stage_model_repo(
     *,
     results_files: Sequence[str | os.PathLike] | None = None,
     report_file: str | os.PathLike | None = None,
-    datasets: Sequence[str] = DEFAULT_DATASETS,
+    run_dir: str | os.PathLike | None = None,
+    datasets: Sequence[str] | None = None,
     license: str = "mit",
     space_id: str | None = None,
     link_weights: bool = False,
@@ -376,13 +166,21 @@ def stage_model_repo(
     """Write into the new folder `out_dir` exactly what `push` uploads to the model repo `repo_id`.
 
     Weights (safetensors), config.json with `auto_map`, the model code from this package, the tokenizer and chat
-    template, generation_config.json and a model card (README.md) built from the report card and the results. The
-    weights are copied, or hard-linked with `link_weights` (for a throwaway folder: they share their bytes).
+    template, generation_config.json, the model card (README.md: see :mod:`.model_card`) and, where there is one,
+    the report card (report.md) with its plots (report/*.png). The training facts come from the run folder
+    `run_dir` (default: the model folder's parent when it holds speedrun.json); `datasets` replaces the Hub datasets
+    read from it. The weights are copied, or hard-linked with `link_weights` (for a throwaway folder: they share
+    their bytes).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {model_dir} does not exist")
     _check_repo_id(repo_id, "--repo-id")
+    if run_dir is not None and not (Path(run_dir) / "speedrun.json").is_file():
+        raise FileNotFoundError(f"run folder {run_dir} has no speedrun.json: pass the folder `nanochat-hf speedrun "
+                                "--run-dir` wrote")
+    run_dir = Path(run_dir) if run_dir is not None else find_run_dir(model_dir)
+    run = read_run(run_dir, model_dir) if run_dir is not None else None
     config = _read_config(model_dir)
     weights = _weight_files(model_dir)
     tokenizer_files = _check_tokenizer(model_dir)
@@ -394,11 +192,16 @@ def stage_model_repo(
                 raise FileNotFoundError(f"results file {path} does not exist")
     if report_file is not None and not Path(report_file).is_file():
         raise FileNotFoundError(f"report file {report_file} does not exist")
-    report_path = Path(report_file) if report_file is not None else find_report(model_dir)
+    report_path = Path(report_file) if report_file is not None else find_report(model_dir, run_dir)
     results = read_results([Path(p) for p in results_files])
 
-    report = report_path.read_text() if report_path else None
-    card = _model_card(repo_id, config, _num_parameters(weights), results, report, datasets, license, space_id)
+    roots = local_roots(run_dir)
+    report, images = None, {}
+    if report_path is not None:
+        report, images = report_images(report_path.read_text(encoding="utf-8", errors="replace"), report_path.parent)
+        report = publishable_report(report, roots)
+    card = build_model_card(repo_id, config, _num_parameters(weights), results, run, report, datasets, license,
+                            space_id, roots)
 
     out_dir.mkdir(parents=True, exist_ok=False)
     try:
@@ -406,11 +209,21 @@ def stage_model_repo(
             _link_or_copy(path, out_dir / path.name, link_weights)
         for name in CODE_FILES:
             shutil.copy2(PACKAGE_DIR / name, out_dir / name)
+        # --- custom_generate (issue 17 §3): the calculator tool loop for generate() and pipeline ---
+        from ..custom_generate import stage_custom_generate
+
+        stage_custom_generate(out_dir)
+        # --- end custom_generate ---
         config["auto_map"] = dict(AUTO_MAP)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = _generation_config(model_dir, config)
         (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         card.save(out_dir / "README.md")
+        if report is not None:
+            (out_dir / "report.md").write_text(report, encoding="utf-8")
+        for link, path in images.items():
+            (out_dir / link).parent.mkdir(exist_ok=True)
+            shutil.copy2(path, out_dir / link)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
@@ -522,7 +335,8 @@ def push(
     endpoint: str | None = None,
     results_files: Sequence[str | os.PathLike] | None = None,
     report_file: str | os.PathLike | None = None,
-    datasets: Sequence[str] = DEFAULT_DATASETS,
+    run_dir: str | os.PathLike | None = None,
+    datasets: Sequence[str] | None = None,
     license: str = "mit",
 ) -> PushResult:
     """Upload `model_dir` to `repo_id` in one commit; with `space_id` create or update the Space pointed at it."""
@@ -542,8 +356,8 @@ def push(
     with tempfile.TemporaryDirectory(prefix="nanochat-hf-push-") as tmp:
         # both folders complete before the first request: a bad input fails here, with nothing sent
         model_folder = stage_model_repo(model_dir, Path(tmp) / "model", repo_id, results_files=results_files,
-                                        report_file=report_file, datasets=datasets, license=license,
-                                        space_id=space_id, link_weights=True)
+                                        report_file=report_file, run_dir=run_dir, datasets=datasets,
+                                        license=license, space_id=space_id, link_weights=True)
         space_folder = stage_space_repo(Path(tmp) / "space", repo_id) if space_id else None
         user = _hub_call("checking the token", endpoint, api.whoami)
         logger.info("pushing as %s", user.get("name"))
@@ -578,9 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--space", help="also create/update this Space (USER/NAME) pointed at the model")
     parser.add_argument("--results", action="append", help="evaluation results JSON (repeatable; default: "
                         "*result*.json in and beside the model folder)")
-    parser.add_argument("--report", help="report card markdown (default: report.md in or beside the model folder)")
+    parser.add_argument("--report", help="report card markdown (default: report.md of the run folder, else in or "
+                        "beside the model folder)")
+    parser.add_argument("--run-dir", help="the speedrun folder that trained the model, whose records the card reports "
+                        "(default: the model folder's parent when it holds speedrun.json)")
     parser.add_argument("--dataset", action="append", help="training dataset id for the card metadata (repeatable; "
-                        f"default: {', '.join(DEFAULT_DATASETS)})")
+                        "default: the Hub datasets the run's records name, none without a run folder)")
     parser.add_argument("--license", default="mit", help="license in the card metadata (default mit)")
     parser.add_argument("--dry-run", metavar="OUT", help="write the folders that would be uploaded to OUT/model "
                         "(and OUT/space), weights copied, and stop; needs neither token nor network. OUT must be new "
@@ -592,24 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    datasets = tuple(args.dataset) if args.dataset else DEFAULT_DATASETS
+    datasets = tuple(args.dataset) if args.dataset else None
     try:
         if args.space:
             _check_repo_id(args.space, "--space")
         if args.dry_run:
             out = check_output_folder(args.dry_run, overwrite=args.overwrite, flag="--dry-run",
-                                      inputs=[args.model, args.report, *(args.results or [])])
+                                      inputs=[args.model, args.report, args.run_dir, *(args.results or [])])
             with staged_folder(out) as staged:
                 if args.space:
                     stage_space_repo(staged / "space", args.repo_id)
                 stage_model_repo(args.model, staged / "model", args.repo_id, results_files=args.results,
-                                 report_file=args.report, datasets=datasets, license=args.license,
-                                 space_id=args.space)
+                                 report_file=args.report, run_dir=args.run_dir, datasets=datasets,
+                                 license=args.license, space_id=args.space)
             print(f"staged the model repo in {out / 'model'}" + (f" and the Space in {out / 'space'}"
                                                                  if args.space else ""))
             return
         result = push(args.model, args.repo_id, private=args.private, space_id=args.space,
-                      results_files=args.results, report_file=args.report, datasets=datasets, license=args.license)
+                      results_files=args.results, report_file=args.report, run_dir=args.run_dir, datasets=datasets,
+                      license=args.license)
     except (HubError, ValueError, FileNotFoundError) as err:
         print(f"nanochat-hf push: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

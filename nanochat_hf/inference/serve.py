@@ -1,12 +1,14 @@
 """`nanochat-hf serve --model DIR`: run the chat Space locally, from the same folder `nanochat-hf push` uploads.
 
 The Space is staged into a temporary folder (app.py + the vendored engine) and its `main` runs there, so what runs
-locally is what runs on the Hub.
+locally is what runs on the Hub. The model is `--model`, else NANOCHAT_MODEL, as on the Space; the options and their
+NANOCHAT_* variables are the Space's (`nanochat-hf serve --help`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,27 +25,32 @@ def _model_argument(argv: list[str]) -> str | None:
     return None
 
 
-def _check_model(model: str) -> None:
+def _check_model(model: str, source: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if Path(model).exists():
         if not (Path(model) / "config.json").is_file():
-            raise SystemExit(f"nanochat-hf serve: error: {model} has no config.json; pass a folder written by "
-                             "save_pretrained (e.g. runs/cpu/sft) or a Hub repo id")
+            raise SystemExit(f"nanochat-hf serve: error: {model} ({source}) has no config.json; pass a folder "
+                             "written by save_pretrained (e.g. runs/cpu/sft) or a Hub repo id")
         return
     try:
         validate_repo_id(model)
     except HFValidationError:
-        raise SystemExit(f"nanochat-hf serve: error: model folder {model} does not exist") from None
+        raise SystemExit(f"nanochat-hf serve: error: model folder {model} ({source}) does not exist") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    model = _model_argument(argv)
-    if model is None and not {"-h", "--help"} & set(argv):
-        raise SystemExit("nanochat-hf serve: error: --model DIR (a checkpoint folder or Hub repo id) is required")
-    if model is not None:
-        _check_model(model)
+    model, source = _model_argument(argv), "--model"
+    if model is None and os.environ.get("NANOCHAT_MODEL"):
+        model, source = os.environ["NANOCHAT_MODEL"], "NANOCHAT_MODEL"  # the app reads it too
+    if {"-h", "--help"} & set(argv):
+        pass  # the app's parser prints the help; no model needed
+    elif model is None:
+        raise SystemExit("nanochat-hf serve: error: --model DIR (a checkpoint folder or Hub repo id) or the "
+                         "NANOCHAT_MODEL variable is required")
+    else:
+        _check_model(model, source)
     with tempfile.TemporaryDirectory(prefix="nanochat-hf-space-") as tmp:
         folder = stage_space_repo(Path(tmp) / "space", model or "local/model")
         spec = importlib.util.spec_from_file_location("nanochat_space_app", folder / "app.py")

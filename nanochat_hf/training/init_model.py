@@ -55,6 +55,8 @@ def save_atomically(model: NanoChatForCausalLM, tokenizer: PreTrainedTokenizerBa
     A crash mid-write leaves the previous `out_dir` (or nothing) behind, never a half-written checkpoint. Whether
     `out_dir` may be replaced is the caller's decision (output_folder.check_output_folder).
     """
+    # The tokenizer's length limit is the model's context (transformers' default is ~1e30, i.e. none).
+    tokenizer.model_max_length = model.config.max_position_embeddings
     with staged_folder(out_dir) as staged:
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)

@@ -19,8 +19,9 @@ weight decay, no warmup, LR flat for 80% of the run then linear to 0.
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from datasets import Dataset, load_dataset
 
@@ -33,6 +34,7 @@ from .checkpoints import load_data_state, resume_point, truncate_step_logs
 from .optim import MuonAdamW, NanoChatSchedule, orthogonalization_dtype
 from .plan import plan_training
 from .pretrain import (
+    PRETRAIN_TRAINER,
     BitsPerByteSchedule,
     LossLog,
     NanoChatOptimizerFactory,
@@ -43,6 +45,7 @@ from .pretrain import (
     keep_local_gloo_on_loopback,
     parse_args,
     prepare_for_training,
+    push_if_asked,
     require_model_folder,
     save_final,
     training_arguments,
@@ -53,6 +56,10 @@ from .pretrain import (
 class MidtrainArguments(PretrainArguments):
     """A midtraining run: pretraining's fields (the model comes from `init_from`) plus where the conversations
     come from."""
+
+    # pretraining's treatment of the TrainingArguments fields; nanochat's wandb project of mid_train
+    trainer_fields: ClassVar = replace(PRETRAIN_TRAINER,
+                                       defaults={**PRETRAIN_TRAINER.defaults, "project": "nanochat-mid"})
 
     output_dir: str = field(default="runs/midtrain", metadata={
         "help": "checkpoints and the final model: a new or empty folder or one of this stage's runs "
@@ -105,7 +112,9 @@ class MidtrainTrainer(PretrainTrainer):
 def parse_midtrain_args(argv: list[str] | None = None) -> MidtrainArguments:
     return parse_args(argv, MidtrainArguments, prog="nanochat-hf midtrain",
                       description="Midtrain a base model on a conversation mixture with nanochat's recipe. "
-                      "--config RECIPE.yaml sets the fields below; command-line flags override it.")
+                      "--config RECIPE.yaml (or --config=RECIPE.yaml) sets the fields below; command-line flags "
+                      "override it. The TrainingArguments group's defaults are nanochat's settings; a field marked "
+                      "`same as --X` sets X; one marked `set by this stage` is refused.")
 
 
 def load_conversations(path: str) -> Dataset:
@@ -225,7 +234,9 @@ def train(run: MidtrainArguments) -> Path:
         print(f"[midtrain] {len(train_set):,} conversations ({len(val_set or []):,} for validation); plan "
               f"{json.dumps(asdict(plan))}", flush=True)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    return save_final(trainer, tokenizer, run.output_dir)
+    final = save_final(trainer, tokenizer, run.output_dir)
+    push_if_asked(trainer)
+    return final
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,10 +1,11 @@
 """Pretraining (and midtraining) on the transformers Trainer with nanochat's recipe.
 
-    nanochat-hf pretrain --config recipes/d20/pretrain.yaml [--depth 12 --device_batch_size 16 ...]
+    nanochat-hf pretrain --config recipes/d20/pretrain.yaml [--depth 12 --device_batch_size 16 --run_name x ...]
     accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml -m nanochat_hf.training.pretrain --config ...
 
 The Trainer adds nothing nanochat does not do: no gradient clipping (nor the grad-norm it would compute), no
-weight-decay groups of its own, no data skipping on resume (the stream restores its own state).
+weight-decay groups of its own, no data skipping on resume (the stream restores its own state). Every other field of
+TrainingArguments can be set in the recipe or on the command line (see nanochat_hf.training.arguments).
 """
 
 import ctypes
@@ -15,11 +16,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import yaml
 from accelerate.utils import DistributedType
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..data.pretrain import PretrainStream
 from ..errors import Bound, UsageError, check_bounds, check_choice, check_source, run_command
@@ -27,6 +28,13 @@ from ..evaluation.bpb import evaluate_bpb
 from ..modeling_nanochat import NanoChatForCausalLM
 from ..output_folder import run_folder
 from ..tokenizer.bpe import load_tokenizer, token_bytes
+from .arguments import (
+    OPTIMIZER_FIELDS,
+    TrainerFields,
+    hand_project_to_wandb,
+    parse_stage_args,
+    trainer_config,
+)
 from .checkpoints import (
     STAGING,
     load_data_state,
@@ -38,6 +46,7 @@ from .checkpoints import (
     write_run_record,
 )
 from .fp8 import FP8_RECIPES, check_fp8_support, convert_to_fp8, fp8_disabled
+from .hub_push import HubPushMixin
 from .init_model import build_model, publish_folder, save_atomically
 from .optim import (
     FSDP_ERROR,
@@ -48,6 +57,30 @@ from .optim import (
     orthogonalization_dtype,
 )
 from .plan import PRETRAIN_DEFAULTS, TrainingPlan, check_batch_divides, gpu_peak_flops, plan_training
+
+# How pretraining (and midtraining) treat the fields of TrainingArguments (nanochat_hf.training.arguments)
+PRETRAIN_TRAINER = TrainerFields(
+    config_cls=TrainingArguments,
+    aliases={"max_steps": "num_iterations", "per_device_train_batch_size": "device_batch_size",
+             "learning_rate": "matrix_lr", "logging_steps": "log_every", "save_steps": "save_every",
+             "save_total_limit": "keep_last", "eval_steps": "eval_every", "dataloader_num_workers": "num_workers"},
+    defaults={"max_grad_norm": 0.0, "activation_checkpointing": False, "disable_tqdm": False, "project": "nanochat",
+              # the model's only buffers are its RoPE tables, the same on every rank: nothing to broadcast each step
+              "ddp_broadcast_buffers": False},
+    owned={
+        "gradient_accumulation_steps": "total_batch_size / (device_batch_size x max_seq_len x processes); set "
+                                       "--total_batch_size",
+        "num_train_epochs": "the data is a stream; the run's length is --num_iterations (or, derived, "
+                            "--target_param_data_ratio)",
+        "eval_strategy": "val bits per byte every --eval_every steps",
+        "per_device_eval_batch_size": "the evaluation's batch is --device_batch_size",
+        "save_strategy": "a checkpoint every --save_every steps and one at the end",
+        "ignore_data_skip": "the stream restores its own position on resume",
+        "resume_from_checkpoint": "--resume true continues from the latest checkpoint in --output_dir",
+        "remove_unused_columns": "the stream's batches are the model's inputs",
+        **OPTIMIZER_FIELDS,
+    },
+)
 
 
 def _generation_default(name: str, help: str):
@@ -62,7 +95,9 @@ def _generation_default(name: str, help: str):
 class PretrainArguments:
     """A pretraining run. Every field can be set in the recipe YAML and overridden on the command line. The recipe's
     fields left unset take the base_train defaults of the model's generation: nanochat ORIG's for 2025, HEAD's for
-    2026 (training_plan.PRETRAIN_DEFAULTS)."""
+    2026 (training_plan.PRETRAIN_DEFAULTS). `trainer_args` holds the other TrainingArguments fields given."""
+
+    trainer_fields: ClassVar[TrainerFields] = PRETRAIN_TRAINER
 
     output_dir: str = field(default="runs/pretrain", metadata={
         "help": "checkpoints and the final model: a new or empty folder or one of this stage's runs "
@@ -98,14 +133,19 @@ class PretrainArguments:
     log_every: int = field(default=1, metadata={"help": "steps between log lines"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers that tokenize"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
-    seed: int = field(default=42, metadata={"help": "random seed"})
-    report_to: str = field(default="none", metadata={"help": "none, tensorboard or trackio"})
+    seed: int = field(default=42, metadata={"help": "random seed (the model's initialisation and the Trainer's)"})
+    report_to: str = field(default="none", metadata={
+        "help": "where the Trainer logs: none, all, or one integration (tensorboard, trackio, wandb); --project "
+                "and --run_name name the run there"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (the accelerate config may also set it)"})
-    torch_compile: bool = field(default=False,
-                                metadata={"help": "compile the model (torch.compile, dynamic=False, as nanochat)"})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "compile the model in place (torch.compile, dynamic=False, as nanochat; the Trainer does not "
+                "compile it again)"})
     fp8: bool = field(default=False, metadata={"help": "FP8 training of the block's Linear layers through torchao "
                                                "(CUDA GPUs of compute capability >= 8.9; needs --bf16 true)"})
     fp8_recipe: str = field(default="tensorwise", metadata={"help": "torchao float8 recipe: tensorwise or rowwise"})
+    trainer_args: dict = field(default_factory=dict, metadata={
+        "help": "the other TrainingArguments fields given in the recipe or on the command line"})
 
     def __post_init__(self) -> None:
         check_choice(self, "generation", ("2025", "2026"))
@@ -161,7 +201,7 @@ class NanoChatOptimizerFactory:
         return nanochat_optimizer(model, ortho_dtype=ortho_dtype, **kwargs)
 
 
-class PretrainTrainer(Trainer):
+class PretrainTrainer(HubPushMixin, Trainer):
     def __init__(self, *args, stream: PretrainStream, val_stream_fn, plan: TrainingPlan, run: PretrainArguments,
                  **kwargs):
         super().__init__(*args, **kwargs)
@@ -253,6 +293,14 @@ class PretrainTrainer(Trainer):
             staging.rmdir()
             rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, self.state.global_step)
         self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            super()._push_from_checkpoint(str(final))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # the Trainer asks while the checkpoint is still being written; _save_checkpoint pushes it once complete
+        # (with the stream's state, which a checkpoint pushed for resuming needs)
+        if getattr(self, "_staging_dir", None) is None:
+            super()._push_from_checkpoint(checkpoint_folder)
 
 
 class BitsPerByteSchedule(TrainerCallback):
@@ -305,50 +353,15 @@ class Throughput:
         return metrics
 
 
-def read_recipe(path: str) -> dict:
-    """A recipe YAML file: a mapping of field names to values (an empty file is an empty recipe)."""
-    if not Path(path).is_file():
-        raise UsageError(f"--config {path}: no such file; pass a recipe such as recipes/cpu/pretrain.yaml")
-    try:
-        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        # the line where the broken construct starts (its context), else where the parser gave up
-        where = getattr(err, "context_mark", None) or getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        problem = ": ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None)))) or err
-        raise UsageError(f"--config {path}: not valid YAML{line} ({problem}); fix the file") from err
-    except UnicodeDecodeError as err:
-        raise UsageError(f"--config {path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-    if not isinstance(recipe, dict):
-        raise UsageError(f"--config {path}: holds a {type(recipe).__name__}, not `field: value` lines")
-    return recipe
-
-
 def parse_args(argv: list[str] | None = None, arguments_cls: type = PretrainArguments,
                prog: str = "nanochat-hf pretrain",
-               description: str = "Pretrain with nanochat's recipe. --config RECIPE.yaml sets the fields below; "
-               "command-line flags override it."):
-    """`--config recipe.yaml` first, then any `--field value` override from the command line. Other stages parse
-    their own recipe dataclass (`arguments_cls`) the same way."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe_args: list[str] = []
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 == len(argv):
-            raise UsageError("--config: expected a recipe file, e.g. --config recipes/cpu/pretrain.yaml")
-        path = argv[i + 1]
-        del argv[i : i + 2]
-        recipe = read_recipe(path)
-        unknown = sorted(set(recipe) - {f for f in arguments_cls.__dataclass_fields__})
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; see `{prog} --help` for the fields")
-        for key, value in recipe.items():
-            if value is None:
-                continue
-            recipe_args += [f"--{key}", str(value)]
-    parser = HfArgumentParser(arguments_cls, prog=prog, description=description)
-    (args,) = parser.parse_args_into_dataclasses(args=recipe_args + argv)
-    return args
+               description: str = "Pretrain with nanochat's recipe. --config RECIPE.yaml (or --config=RECIPE.yaml) "
+               "sets the fields below; command-line flags override it. The TrainingArguments group's defaults are "
+               "nanochat's settings; a field marked `same as --X` sets X; one marked `set by this stage` is refused."):
+    """`--config recipe.yaml` first, then any `--field value` override from the command line (the rules:
+    nanochat_hf.training.arguments). Other stages parse their own recipe dataclass (`arguments_cls`, whose
+    `trainer_fields` says how it treats its Trainer config's fields) the same way."""
+    return parse_stage_args(argv, arguments_cls, arguments_cls.trainer_fields, prog=prog, description=description)
 
 
 def require_model_folder(init_from: str, previous_stage: str) -> None:
@@ -430,30 +443,30 @@ def keep_freed_memory_on_cpu() -> None:
 
 
 def training_arguments(run: PretrainArguments) -> TrainingArguments:
-    """The Trainer settings of a pretraining-style run (midtraining shares them); `max_steps`,
-    `save_steps` and gradient accumulation are set once the plan is known."""
-    return TrainingArguments(
-        output_dir=run.output_dir,
-        per_device_train_batch_size=run.device_batch_size,
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        logging_steps=run.log_every,
-        eval_strategy="no",  # our evaluation is val bits-per-byte on a stream, scheduled by BitsPerByteSchedule
-        save_strategy="steps",
-        save_total_limit=run.keep_last,
-        ignore_data_skip=True,
-        report_to=[] if run.report_to == "none" else [run.report_to],
-        seed=run.seed,
-        bf16=run.bf16,
-        remove_unused_columns=False,
-        # the model's only buffers are its RoPE tables, the same on every rank: nothing to broadcast each step
-        ddp_broadcast_buffers=False,
-        disable_tqdm=False,
-        save_steps=1,  # replaced below once the plan is known
-        max_steps=1,
+    """The Trainer settings of a pretraining-style run (midtraining shares them): nanochat's, then the fields the
+    run gives (`run.trainer_args`); `max_steps`, `save_steps` and gradient accumulation are set once the plan is
+    known."""
+    args = trainer_config(run, defaults={
         # Without CUDA, processes launched together (accelerate's cpu_2proc config) form a gloo DDP group.
-        use_cpu=not torch.cuda.is_available(),
-    )
+        "use_cpu": not torch.cuda.is_available(),
+    }, stage_values={
+        "output_dir": run.output_dir,
+        "per_device_train_batch_size": run.device_batch_size,
+        "weight_decay": 0.0,  # Muon's (run.weight_decay) is our optimizer's; the Trainer's groups are unused
+        "logging_steps": run.log_every,
+        "eval_strategy": "no",  # our evaluation is val bits-per-byte on a stream, scheduled by BitsPerByteSchedule
+        "save_strategy": "steps",
+        "save_total_limit": run.keep_last,
+        "ignore_data_skip": True,
+        "report_to": run.report_to,
+        "seed": run.seed,
+        "bf16": run.bf16,
+        "remove_unused_columns": False,
+        "save_steps": 1,  # replaced below once the plan is known
+        "max_steps": 1,
+    })
+    hand_project_to_wandb(run, args)
+    return args
 
 
 def train(run: PretrainArguments) -> Path:
@@ -517,14 +530,29 @@ def train(run: PretrainArguments) -> Path:
     final = Path(run.output_dir) / "final"
     if trainer.args.should_save:
         staged = final.with_name("final.tmp")
-        trainer.save_model(str(staged))
+        trainer.save_model(str(staged), _internal_call=True)  # the Hub push, if asked for, comes after publishing
+        tokenizer.model_max_length = model.config.max_position_embeddings  # not transformers' ~1e30
         tokenizer.save_pretrained(staged)
         # what HEAD's SFT reads from the base model's folder: the optimizer to warm-start, the settings to inherit
         save_optimizer_state(trainer.optimizer, staged)
-        write_run_record(staged, "pretrain", asdict(run), asdict(plan))
+        write_run_record(staged, "pretrain", recorded_arguments(run), asdict(plan))
         publish_folder(staged, final)
     trainer.accelerator.wait_for_everyone()
+    push_if_asked(trainer)
     return final
+
+
+def recorded_arguments(run: PretrainArguments) -> dict:
+    """The run's arguments for its record, without secrets (a --hub_token given on the command line)."""
+    arguments = asdict(run)
+    arguments["trainer_args"] = {k: v for k, v in run.trainer_args.items() if not k.endswith("_token")}
+    return arguments
+
+
+def push_if_asked(trainer: Trainer) -> None:
+    """`--push_to_hub`: the Trainer's push at the end of a stage (HubPushMixin stages our repo folder)."""
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,7 @@ loss (TRL's ``tool_mask``). See :data:`TOOLS_NOTE` and :mod:`nanochat_hf.trainin
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from datasets import Dataset
@@ -43,12 +44,14 @@ from ..errors import Bound, check_bounds, run_command
 from ..modeling_nanochat import NanoChatForCausalLM
 from ..output_folder import run_folder
 from ..tokenizer.bpe import load_tokenizer
+from .arguments import OPTIMIZER_FIELDS, TrainerFields, hand_project_to_wandb, trainer_config
 from .optim import orthogonalization_dtype
 from .pretrain import (
     LossLog,
     check_parallelism,
     keep_local_gloo_on_loopback,
     parse_args,
+    push_if_asked,
     require_model_folder,
     save_final,
 )
@@ -71,9 +74,35 @@ TOOLS_NOTE = (
 )
 
 
+_BATCH = ("examples_per_step x num_samples completions a step, device_batch_size a pass: set --examples_per_step, "
+          "--num_samples and --device_batch_size")
+# How RL treats the fields of GRPOConfig (nanochat_hf.training.arguments). GRPO's own `num_iterations` (policy
+# updates per generation) is 1, nanochat's on-policy RL; the name is RLArguments' step count, as in every stage.
+RL_TRAINER = TrainerFields(
+    config_cls=GRPOConfig,
+    aliases={"max_steps": "num_iterations", "num_train_epochs": "num_epochs",
+             "per_device_train_batch_size": "device_batch_size", "num_generations": "num_samples",
+             "max_completion_length": "max_new_tokens", "learning_rate": "matrix_lr", "logging_steps": "log_every",
+             "save_steps": "save_every", "save_total_limit": "keep_last"},
+    defaults={"beta": 0.0, "scale_rewards": "none", "loss_type": "bnpo",
+              "mask_truncated_completions": False,  # nanochat trains on samples cut at max_new_tokens too
+              "max_grad_norm": 0.0, "activation_checkpointing": False, "disable_tqdm": False,
+              "project": "nanochat-rl"},
+    owned={
+        **dict.fromkeys(("gradient_accumulation_steps", "steps_per_generation", "generation_batch_size"), _BATCH),
+        "save_strategy": "a checkpoint every --save_every steps",
+        "warmup_steps": "nanochat's RL has no warmup; its LR falls linearly to 0",
+        **OPTIMIZER_FIELDS,
+    },
+)
+
+
 @dataclass
 class RLArguments:
-    """An RL run. Every field can be set in the recipe YAML and overridden on the command line."""
+    """An RL run. Every field can be set in the recipe YAML and overridden on the command line; `trainer_args`
+    holds the other GRPOConfig fields given."""
+
+    trainer_fields: ClassVar[TrainerFields] = RL_TRAINER
 
     output_dir: str = field(default="runs/rl", metadata={
         "help": "checkpoints and the final model: a new or empty folder or one of this stage's runs "
@@ -88,7 +117,9 @@ class RLArguments:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens (0: all)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over GSM8K train"})
-    num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1: num_epochs over the data"})
+    num_iterations: int = field(default=-1, metadata={
+        "help": "optimizer steps; -1: num_epochs over the data. (GRPO's num_iterations, policy updates per "
+                "generation, is 1: nanochat's RL is on-policy)"})
     max_examples: int = field(default=-1, metadata={"help": "use only the first N questions; -1: all"})
     embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR of the token embedding"})
     unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR of lm_head"})
@@ -100,10 +131,14 @@ class RLArguments:
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     log_every: int = field(default=1, metadata={"help": "steps between log lines"})
     seed: int = field(default=42, metadata={"help": "random seed"})
-    report_to: str = field(default="none", metadata={"help": "none, tensorboard or trackio"})
+    report_to: str = field(default="none", metadata={
+        "help": "where the Trainer logs: none, all, or one integration (tensorboard, trackio, wandb); --project "
+                "and --run_name name the run there"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
     use_tools: bool = field(default=True, metadata={"help": "rollouts call the calculator at <|python_end|>, as "
                                                     "nanochat's engine"})
+    trainer_args: dict = field(default_factory=dict, metadata={
+        "help": "the other GRPOConfig fields given in the recipe or on the command line"})
 
     def __post_init__(self) -> None:
         # Refused when parsed, before anything loads; -1 means "derive it" or "off". GRPO's advantage is a
@@ -168,7 +203,9 @@ def exclude_stop_token(batch: dict, stop_id: int) -> dict:
 def parse_rl_args(argv: list[str] | None = None) -> RLArguments:
     return parse_args(argv, RLArguments, prog="nanochat-hf rl",
                       description="RL on GSM8K with TRL's GRPOTrainer and nanochat's settings. --config RECIPE.yaml "
-                      "sets the fields below; command-line flags override it.")
+                      "(or --config=RECIPE.yaml) sets the fields below; command-line flags override it. The "
+                      "GRPOConfig group's defaults are nanochat's settings; a field marked `same as --X` sets X; one "
+                      "marked `set by this stage` is refused.")
 
 
 def completion_text(completion) -> str:
@@ -211,36 +248,31 @@ def grpo_config(run: RLArguments, generation_kwargs: dict | None = None) -> GRPO
     if completions % per_pass:
         raise ValueError(f"examples_per_step x num_samples = {completions} completions per step must be a multiple of "
                          f"device_batch_size x processes = {per_pass}; change one of them")
-    args = GRPOConfig(
-        output_dir=run.output_dir,
-        per_device_train_batch_size=run.device_batch_size,
-        num_generations=run.num_samples,
-        gradient_accumulation_steps=completions // per_pass,
-        steps_per_generation=completions // per_pass,
-        max_completion_length=run.max_new_tokens,
-        temperature=run.temperature,
-        top_k=run.top_k,
-        beta=0.0,
-        num_iterations=1,
-        scale_rewards="none",
-        loss_type="bnpo",
-        mask_truncated_completions=False,  # nanochat trains on samples cut at max_new_tokens too
-        num_train_epochs=run.num_epochs,
-        max_steps=run.num_iterations,
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        logging_steps=run.log_every,
-        save_strategy="steps" if run.save_every > 0 else "no",
-        save_steps=max(run.save_every, 1),
-        save_total_limit=run.keep_last,
-        report_to=[] if run.report_to == "none" else [run.report_to],
-        seed=run.seed,
-        bf16=run.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
-        disable_tqdm=False,
-        generation_kwargs=generation_kwargs,
-    )
+    args = trainer_config(run, defaults={
+        "use_cpu": not torch.cuda.is_available(),
+        "generation_kwargs": generation_kwargs,
+    }, stage_values={
+        "output_dir": run.output_dir,
+        "per_device_train_batch_size": run.device_batch_size,
+        "num_generations": run.num_samples,
+        "gradient_accumulation_steps": completions // per_pass,
+        "steps_per_generation": completions // per_pass,
+        "max_completion_length": run.max_new_tokens,
+        "temperature": run.temperature,
+        "top_k": run.top_k,
+        "num_iterations": 1,
+        "num_train_epochs": run.num_epochs,
+        "max_steps": run.num_iterations,
+        "weight_decay": 0.0,  # Muon's (run.weight_decay) is our optimizer's; the Trainer's groups are unused
+        "logging_steps": run.log_every,
+        "save_strategy": "steps" if run.save_every > 0 else "no",
+        "save_steps": max(run.save_every, 1),
+        "save_total_limit": run.keep_last,
+        "report_to": run.report_to,
+        "seed": run.seed,
+        "bf16": run.bf16,
+    })
+    hand_project_to_wandb(run, args)
     if args.world_size != world:
         raise ValueError(f"WORLD_SIZE={world} but the process group has {args.world_size} processes")
     return args
@@ -283,7 +315,9 @@ def train(run: RLArguments, dataset: Dataset | None = None, reward_funcs=None,
     trainer.train()
     # <|python_end|> stops generation only inside the tool loop: the saved model's generate() runs whole turns.
     model.generation_config.eos_token_id = eos_token_id
-    return save_final(trainer, tokenizer, run.output_dir)
+    final = save_final(trainer, tokenizer, run.output_dir)
+    push_if_asked(trainer)
+    return final
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ through the Trainer's factory hook; no gradient clipping; the loss on the real v
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from datasets import Dataset
@@ -45,6 +46,7 @@ from ..evaluation.bpb import evaluate_bpb
 from ..modeling_nanochat import NanoChatForCausalLM
 from ..output_folder import run_folder
 from ..tokenizer.bpe import load_tokenizer, token_bytes
+from .arguments import OPTIMIZER_FIELDS, TrainerFields, hand_project_to_wandb, trainer_config
 from .checkpoints import read_run_record, warm_start_optimizer
 from .midtrain import stage_mixture, validation_mixture
 from .optim import NanoChatSchedule, orthogonalization_dtype
@@ -53,6 +55,7 @@ from .pretrain import (
     check_parallelism,
     keep_local_gloo_on_loopback,
     parse_args,
+    push_if_asked,
     require_model_folder,
     save_final,
 )
@@ -76,12 +79,41 @@ RENDER_MAX_TOKENS = 2048
 MIXTURE = {"2025": "sft", "2026": "sft-2026"}
 # Muon's momentum: ORIG's SFT keeps the groups' 0.95; HEAD's warms it up from 0.85 over 300 steps
 MOMENTUM_SCHEDULE = {"2025": None, "2026": "warmup"}
+_PACKING = ("packing follows --pipeline: 2026 packs conversations best-fit into BOS-aligned rows (nanochat HEAD's), "
+            "2025 trains one conversation a row (ORIG's)")
+# How SFT treats the fields of SFTConfig (nanochat_hf.training.arguments)
+SFT_TRAINER = TrainerFields(
+    config_cls=SFTConfig,
+    aliases={"max_steps": "num_iterations", "num_train_epochs": "num_epochs",
+             "per_device_train_batch_size": "device_batch_size", "learning_rate": "matrix_lr",
+             "logging_steps": "log_every", "save_steps": "save_every", "save_total_limit": "keep_last",
+             "eval_steps": "eval_every", "dataset_num_proc": "num_proc", "max_length": "max_seq_len"},
+    defaults={"max_grad_norm": 0.0, "activation_checkpointing": False, "disable_tqdm": False,
+              "project": "nanochat-sft"},
+    owned={
+        "gradient_accumulation_steps": "2025: target_examples_per_step / (device_batch_size x processes), set "
+                                       "--target_examples_per_step; 2026: total_batch_size / (device_batch_size x "
+                                       "max_seq_len x processes), set --total_batch_size",
+        **dict.fromkeys(("packing", "packing_strategy", "padding_free", "eval_packing"), _PACKING),
+        **dict.fromkeys(("assistant_only_loss", "completion_only_loss"),
+                        "the loss is on nanochat's mask (the chat template's generation tokens)"),
+        "dataset_kwargs": _PACKING,
+        "remove_unused_columns": _PACKING,
+        "eval_strategy": "an evaluation every --eval_every steps",
+        "save_strategy": "a checkpoint every --save_every steps",
+        "warmup_steps": "nanochat's SFT has no warmup; shape the LR with --warmdown_ratio and --final_lr_frac",
+        **OPTIMIZER_FIELDS,
+    },
+)
 
 
 @dataclass
 class SFTArguments:
     """An SFT run. Every field can be set in the recipe YAML and overridden on the command line. A field left
-    unset takes its pipeline's nanochat default (2026: inherited from the base run where HEAD inherits it)."""
+    unset takes its pipeline's nanochat default (2026: inherited from the base run where HEAD inherits it).
+    `trainer_args` holds the other SFTConfig fields given."""
+
+    trainer_fields: ClassVar[TrainerFields] = SFT_TRAINER
 
     output_dir: str = field(default="runs/sft", metadata={
         "help": "checkpoints and the final model: a new or empty folder or one of this stage's runs "
@@ -142,11 +174,15 @@ class SFTArguments:
     log_every: int = field(default=1, metadata={"help": "steps between log lines"})
     num_proc: int | None = field(default=None, metadata={"help": "processes tokenizing the conversations"})
     seed: int = field(default=42, metadata={"help": "random seed"})
-    report_to: str = field(default="none", metadata={"help": "none, tensorboard or trackio"})
+    report_to: str = field(default="none", metadata={
+        "help": "where the Trainer logs: none, all, or one integration (tensorboard, trackio, wandb); --project "
+                "and --run_name name the run there"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
     torch_compile: bool = field(default=False, metadata={
         "help": "2026: compile the model (torch.compile, dynamic=False, as HEAD's SFT); the packed rows keep "
                 "every step's shapes equal"})
+    trainer_args: dict = field(default_factory=dict, metadata={
+        "help": "the other SFTConfig fields given in the recipe or on the command line"})
 
     def __post_init__(self) -> None:
         check_choice(self, "pipeline", PIPELINES)
@@ -294,42 +330,43 @@ class EvaluationSchedule(TrainerCallback):
 def parse_sft_args(argv: list[str] | None = None) -> SFTArguments:
     return parse_args(argv, SFTArguments, prog="nanochat-hf sft",
                       description="Supervised fine-tuning with TRL's SFTTrainer and nanochat's recipe (--pipeline "
-                      "2025: after midtraining; 2026: HEAD's, from the base model). --config RECIPE.yaml sets the "
-                      "fields below; command-line flags override it.")
+                      "2025: after midtraining; 2026: HEAD's, from the base model). --config RECIPE.yaml (or "
+                      "--config=RECIPE.yaml) sets the fields below; command-line flags override it. The SFTConfig "
+                      "group's defaults are nanochat's settings; a field marked `same as --X` sets X; one marked "
+                      "`set by this stage` is refused.")
 
 
 def sft_config(run: SFTArguments, max_length: int, eval_set: Dataset | None) -> SFTConfig:
     packed = run.pipeline == "2026"
     evaluate = not packed and eval_set is not None and run.eval_every > 0
-    args = SFTConfig(
-        output_dir=run.output_dir,
-        per_device_train_batch_size=run.device_batch_size,
-        per_device_eval_batch_size=run.device_batch_size,
-        num_train_epochs=run.num_epochs,
-        max_steps=run.num_iterations,
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        logging_steps=run.log_every,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=run.eval_every if evaluate else None,
-        save_strategy="steps" if run.save_every > 0 else "no",
-        save_steps=max(run.save_every, 1),
-        save_total_limit=run.keep_last,
-        report_to=[] if run.report_to == "none" else [run.report_to],
-        seed=run.seed,
-        bf16=run.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
+    args = trainer_config(run, defaults={
+        "per_device_eval_batch_size": run.device_batch_size,
+        "use_cpu": not torch.cuda.is_available(),
+    }, stage_values={
+        "output_dir": run.output_dir,
+        "per_device_train_batch_size": run.device_batch_size,
+        "num_train_epochs": run.num_epochs,
+        "max_steps": run.num_iterations,
+        "weight_decay": 0.0,  # Muon's (run.weight_decay) is our optimizer's; the Trainer's groups are unused
+        "logging_steps": run.log_every,
+        "eval_strategy": "steps" if evaluate else "no",
+        "eval_steps": run.eval_every if evaluate else None,
+        "save_strategy": "steps" if run.save_every > 0 else "no",
+        "save_steps": max(run.save_every, 1),
+        "save_total_limit": run.keep_last,
+        "report_to": run.report_to,
+        "seed": run.seed,
+        "bf16": run.bf16,
         # 2025: TRL renders each conversation and masks it; 2026: the rows arrive packed, masked and shifted
-        assistant_only_loss=not packed,
-        packing=False,
-        padding_free=False,
-        max_length=max_length,
-        dataset_num_proc=run.num_proc,
-        dataset_kwargs={"skip_prepare_dataset": True} if packed else None,
-        remove_unused_columns=not packed,
-        disable_tqdm=False,
-    )
+        "assistant_only_loss": not packed,
+        "packing": False,
+        "padding_free": False,
+        "max_length": max_length,
+        "dataset_num_proc": run.num_proc,
+        "dataset_kwargs": {"skip_prepare_dataset": True} if packed else None,
+        "remove_unused_columns": not packed,
+    })
+    hand_project_to_wandb(run, args)
     if packed:
         per_step = run.device_batch_size * max_length * args.world_size
         if run.total_batch_size % per_step:
@@ -386,7 +423,9 @@ def train(run: SFTArguments, dataset: Dataset | None = None, val_dataset: Datase
         trainer = packed_trainer(run, model, tokenizer, dataset, eval_set, max_length, args, common)
     trainer.add_callback(LossLog(trainer))
     trainer.train()
-    return save_final(trainer, tokenizer, run.output_dir)
+    final = save_final(trainer, tokenizer, run.output_dir)
+    push_if_asked(trainer)
+    return final
 
 
 def packed_trainer(run: SFTArguments, model: NanoChatForCausalLM, tokenizer, dataset: Dataset,

@@ -3,7 +3,8 @@
 * :class:`FinetuneOptimizerFactory`: our Muon + AdamW through the Trainer's factory hook, every group's LR scaled by
   nanochat's ``init_lr_frac``.
 * :class:`NanoChatTRLMixin`: nanochat's LR schedule (linear to 0 over the run, no momentum schedule), no gradient
-  clipping, and the per-step loss :class:`~nanochat_hf.training.pretrain.LossLog` writes.
+  clipping, the per-step loss :class:`~nanochat_hf.training.pretrain.LossLog` writes, and ``--push_to_hub`` with
+  our repo folder and model card.
 * :func:`score_real_vocab_only`: TRL 1.16 computes its losses with a fused LM head that reads
   ``get_output_embeddings().weight`` directly, bypassing our forward, which drops the rows a padded vocabulary adds
   (``padded_vocab_size`` > ``vocab_size``). Those rows would then enter every softmax. This narrows the head the
@@ -28,6 +29,7 @@ import types
 import torch
 
 from ..inference.tools import calculate
+from .hub_push import HubPushMixin
 from .optim import MuonAdamW, NanoChatSchedule
 from .pretrain import NanoChatOptimizerFactory
 
@@ -69,8 +71,9 @@ def finetune_optimizer_kwargs(run) -> dict:
                 scalar_lr=run.scalar_lr, weight_decay=run.weight_decay, init_lr_frac=run.init_lr_frac)
 
 
-class NanoChatTRLMixin:
-    """Mix in before a TRL trainer class. LR multiplier ``1 - step / num_steps`` (nanochat's SFT and RL)."""
+class NanoChatTRLMixin(HubPushMixin):
+    """Mix in before a TRL trainer class. LR multiplier ``1 - step / num_steps`` (nanochat's SFT and RL); the Hub
+    push of our repo folder (:class:`~nanochat_hf.training.hub_push.HubPushMixin`)."""
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
