@@ -162,8 +162,10 @@ def test_make_targets_run_what_the_table_says():
         if isinstance(how, Run) and how.make:
             target = line.removeprefix("make ")
             # -o: the virtualenv counts as installed (it is the one running this test)
-            out = subprocess.run(["make", "-n", "-o", ".venv/.installed-dev", target], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=60)
+            # under `make test` (CI) this is a sub-make: keep the parent's flags and directory notes out of it
+            env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+            out = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed-dev", target],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
             assert out.returncode == 0 and out.stdout.strip() == how.make, out.stdout + out.stderr
 
 
