@@ -31,7 +31,7 @@ from ..modeling_nanochat import NanoChatForCausalLM
 from ..output_folder import run_folder
 from ..tokenizer.bpe import load_tokenizer
 from .checkpoints import load_data_state, resume_point, truncate_step_logs
-from .optim import MuonAdamW, NanoChatSchedule, orthogonalization_dtype
+from .optim import MuonAdamW, NanoChatSchedule
 from .plan import plan_training
 from .pretrain import (
     PRETRAIN_TRAINER,
@@ -48,6 +48,7 @@ from .pretrain import (
     push_if_asked,
     require_model_folder,
     save_final,
+    stage_optimizer_kwargs,
     training_arguments,
 )
 
@@ -212,10 +213,7 @@ def train(run: MidtrainArguments) -> Path:
     resume_from = resume_point(run.output_dir, resume=run.resume, rank=rank, world_size=world)
     if resume_from is not None:
         train_stream.load_state_dict(load_data_state(resume_from, rank))
-    optimizer_kwargs = dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr,
-                            matrix_lr=run.matrix_lr, scalar_lr=run.scalar_lr, weight_decay=plan.weight_decay,
-                            batch_lr_scale=plan.batch_lr_scale,
-                            ortho_dtype=orthogonalization_dtype(training_args.mixed_precision))
+    optimizer_kwargs = stage_optimizer_kwargs(run, plan, training_args.mixed_precision)
     trainer = MidtrainTrainer(
         model=model,
         args=training_args,

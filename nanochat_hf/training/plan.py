@@ -111,20 +111,11 @@ def _plan_head(config: NanoChatConfig, *, device_batch_size: int, world_size: in
     d_ref = target_param_data_ratio * scaling_params(reference)
     if total_batch_size == -1:
         total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
-    tokens_per_micro_step = check_batch_divides(total_batch_size, device_batch_size, seq, world_size)
-    if num_iterations == -1:
-        num_iterations = max(1, target_tokens // total_batch_size)
-    return TrainingPlan(
-        num_iterations=num_iterations,
-        total_batch_size=total_batch_size,
-        gradient_accumulation_steps=total_batch_size // tokens_per_micro_step,
-        target_tokens=target_tokens,
-        total_tokens=num_iterations * total_batch_size,
-        batch_lr_scale=math.sqrt(total_batch_size / B_REF),
-        weight_decay=weight_decay * math.sqrt(total_batch_size / B_REF) * (d_ref / target_tokens),
-        scaling_params=params,
-        recipe=RECIPES["2026"],
-    )
+    return _finish_plan(config, device_batch_size=device_batch_size, world_size=world_size,
+                        total_batch_size=total_batch_size, num_iterations=num_iterations, target_tokens=target_tokens,
+                        batch_lr_scale=math.sqrt(total_batch_size / B_REF),
+                        weight_decay=weight_decay * math.sqrt(total_batch_size / B_REF) * (d_ref / target_tokens),
+                        params=params, generation="2026")
 
 
 def _plan_orig(config: NanoChatConfig, *, device_batch_size: int, world_size: int, target_param_data_ratio: float,
@@ -134,12 +125,22 @@ def _plan_orig(config: NanoChatConfig, *, device_batch_size: int, world_size: in
     if weight_decay != 0:
         raise ValueError(f"weight_decay={weight_decay}: a 2025-generation model trains with nanochat ORIG's Muon, "
                          "which has no weight decay; set --weight_decay 0 (its default for generation 2025)")
-    seq = config.max_position_embeddings
     params = total_params(config)
     target_tokens = int(target_param_data_ratio * params)
     if total_batch_size == -1:
         total_batch_size = ORIG_TOTAL_BATCH_SIZE
-    tokens_per_micro_step = check_batch_divides(total_batch_size, device_batch_size, seq, world_size)
+    return _finish_plan(config, device_batch_size=device_batch_size, world_size=world_size,
+                        total_batch_size=total_batch_size, num_iterations=num_iterations, target_tokens=target_tokens,
+                        batch_lr_scale=1.0, weight_decay=0.0, params=params, generation="2025")
+
+
+def _finish_plan(config: NanoChatConfig, *, device_batch_size: int, world_size: int, total_batch_size: int,
+                 num_iterations: int, target_tokens: int, batch_lr_scale: float, weight_decay: float, params: int,
+                 generation: str) -> TrainingPlan:
+    """What both recipes share once the batch is known: micro-steps that divide it, and the run's length (-1: the
+    token budget's)."""
+    tokens_per_micro_step = check_batch_divides(total_batch_size, device_batch_size, config.max_position_embeddings,
+                                                world_size)
     if num_iterations == -1:
         num_iterations = max(1, target_tokens // total_batch_size)
     return TrainingPlan(
@@ -148,10 +149,10 @@ def _plan_orig(config: NanoChatConfig, *, device_batch_size: int, world_size: in
         gradient_accumulation_steps=total_batch_size // tokens_per_micro_step,
         target_tokens=target_tokens,
         total_tokens=num_iterations * total_batch_size,
-        batch_lr_scale=1.0,
-        weight_decay=0.0,
+        batch_lr_scale=batch_lr_scale,
+        weight_decay=weight_decay,
         scaling_params=params,
-        recipe=RECIPES["2025"],
+        recipe=RECIPES[generation],
     )
 
 

@@ -201,6 +201,14 @@ class NanoChatOptimizerFactory:
         return nanochat_optimizer(model, ortho_dtype=ortho_dtype, **kwargs)
 
 
+def stage_optimizer_kwargs(run: PretrainArguments, plan: TrainingPlan, mixed_precision: str) -> dict:
+    """The optimizer factory's settings for pretraining and midtraining: the run's LRs, the plan's weight decay and
+    batch LR scale, and Muon's orthogonalisation in the run's compute dtype."""
+    return dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr, matrix_lr=run.matrix_lr,
+                scalar_lr=run.scalar_lr, weight_decay=plan.weight_decay, batch_lr_scale=plan.batch_lr_scale,
+                ortho_dtype=orthogonalization_dtype(mixed_precision))
+
+
 class PretrainTrainer(HubPushMixin, Trainer):
     def __init__(self, *args, stream: PretrainStream, val_stream_fn, plan: TrainingPlan, run: PretrainArguments,
                  **kwargs):
@@ -504,10 +512,7 @@ def train(run: PretrainArguments) -> Path:
     resume_from = resume_point(run.output_dir, resume=run.resume, rank=rank, world_size=world)
     if resume_from is not None:
         stream.load_state_dict(load_data_state(resume_from, rank))
-    optimizer_kwargs = dict(embedding_lr=run.embedding_lr, unembedding_lr=run.unembedding_lr,
-                            matrix_lr=run.matrix_lr, scalar_lr=run.scalar_lr, weight_decay=plan.weight_decay,
-                            batch_lr_scale=plan.batch_lr_scale,
-                            ortho_dtype=orthogonalization_dtype(training_args.mixed_precision))
+    optimizer_kwargs = stage_optimizer_kwargs(run, plan, training_args.mixed_precision)
     trainer = PretrainTrainer(
         model=model,
         args=training_args,
