@@ -31,8 +31,9 @@ from .configuration_nanochat import NanoChatConfig
 # transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`; support both.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 logger = logging.get_logger(__name__)
-# Attribute on the KV cache holding the previous token's pre-smear embedding (nanochat's `prev_embedding`).
-_SMEAR_STATE = "nanochat_prev_embedding"
+# Attribute on the KV cache holding the id of the token before the next one fed (nanochat keeps that token's
+# embedding, `prev_embedding`; an id is the same information, and generate() can refresh it from its sequences).
+_SMEAR_STATE = "nanochat_prev_token"
 
 
 def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -523,15 +524,23 @@ class NanoChatModel(NanoChatPreTrainedModel):
         positions = torch.arange(config.max_position_embeddings, device=device)[None]
         return rotary_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)
 
-    def _smear(self, x: torch.Tensor, cache: Cache | None, past_len: int, padding_mask: torch.Tensor | None):
+    def _smear(
+        self,
+        x: torch.Tensor,
+        input_ids: torch.LongTensor,
+        cache: Cache | None,
+        past_len: int,
+        padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """x[t] += smear_lambda * sigmoid(smear_gate(x[t, :C])) * x[t-1], on the pre-smear normed embeddings."""
         if past_len > 0:
-            prev_first = getattr(cache, _SMEAR_STATE, None)
-            if prev_first is None or prev_first.shape[0] != x.shape[0]:
+            prev_token = getattr(cache, _SMEAR_STATE, None)
+            if prev_token is None or prev_token.shape[0] != x.shape[0]:
                 raise ValueError(
-                    "NanoChat smear needs the previous token's embedding, which this KV cache does not hold "
-                    "(it was not filled by this model, or its batch was changed). Prefill the cache with this model."
+                    "NanoChat smear needs the previous token, which this KV cache does not hold (it was not filled "
+                    "by this model, or its batch was changed). Prefill the cache with this model."
                 )
+            prev_first = rms_norm(self.embed_tokens(prev_token.to(input_ids.device)), self.config.rms_norm_eps)
         else:
             prev_first = torch.zeros_like(x[:, :1])
         prev = torch.cat([prev_first.to(x.dtype), x[:, :-1]], dim=1)
@@ -543,7 +552,7 @@ class NanoChatModel(NanoChatPreTrainedModel):
                 prev_is_real = torch.cat([prev_is_real.new_zeros(len(prev_is_real), 1), prev_is_real], dim=1)
             prev = prev * prev_is_real[..., None]
         if cache is not None:
-            setattr(cache, _SMEAR_STATE, x[:, -1:].detach())
+            setattr(cache, _SMEAR_STATE, input_ids[:, -1:].detach())
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., : self.config.smear_gate_channels]))
         return x + gate * prev
 
@@ -569,11 +578,11 @@ class NanoChatModel(NanoChatPreTrainedModel):
         )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("NanoChatModel: pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is None and config.value_embeds:
-            # Value embeddings are looked up by token id, so embeddings alone cannot drive this model.
+        if input_ids is None and (config.value_embeds or config.smear):
+            # Value embeddings and smear's previous token are looked up by token id: embeddings alone cannot drive it.
             raise ValueError(
-                "NanoChatModel: this model has value embeddings (the 2026 generation), which are looked up by token "
-                "id: pass `input_ids`; `inputs_embeds` alone is not enough."
+                "NanoChatModel: this model has value embeddings or smear (the 2026 generation), which look tokens up "
+                "by id: pass `input_ids`; `inputs_embeds` alone is not enough."
             )
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
@@ -589,7 +598,7 @@ class NanoChatModel(NanoChatPreTrainedModel):
         B, T, _ = x.shape
         x = rms_norm(x, config.rms_norm_eps)
         if self.smear_gate is not None:
-            x = self._smear(x, cache, past_len, attention_mask)
+            x = self._smear(x, input_ids, cache, past_len, attention_mask)
         x0 = x
 
         # A mask of ones is no mask: the backends' unmasked paths are the fast ones. (Not while compiling: reading
@@ -658,6 +667,21 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args, inputs_embeds: torch.Tensor | None = None, **kwargs
+    ) -> dict:
+        # `inputs_embeds` is named so that generate() sees this model accepts them (it inspects the signature).
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        fed = inputs.get("input_ids")
+        if self.config.smear and isinstance(cache, Cache) and fed is not None:
+            # generate() reorders (beam search), crops (assisted decoding) and re-batches a cache's rows without
+            # knowing of smear's state: take the token before the ones fed now from the sequences it keeps.
+            start = input_ids.shape[1] - fed.shape[1]
+            if start > 0:
+                setattr(cache, _SMEAR_STATE, input_ids[:, start - 1 : start])
+        return inputs
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

@@ -271,7 +271,7 @@ def test_past_key_values_still_works_and_warns(tiny_model_factory):
 
 def test_2026_inputs_embeds_alone_refused(tiny_model_factory):
     model = tiny_model_factory("2026")
-    with pytest.raises(ValueError, match="value embeddings .* pass `input_ids`"):
+    with pytest.raises(ValueError, match="value embeddings or smear .* pass `input_ids`"):
         model(inputs_embeds=torch.randn(1, 4, 64))
 
 

@@ -115,3 +115,59 @@ def test_remote_code_by_repo_id_from_offline_hub_cache(tmp_path, tiny_model_fact
         generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert (out["logits"] - expected).abs().max() <= 1e-6
     assert torch.equal(out["generated"], generated)
+
+
+TOKENIZER_LOADER = textwrap.dedent(
+    """
+    import sys, json
+    class BlockNanochatHF:
+        def find_spec(self, name, path=None, target=None):
+            if name == "nanochat_hf" or name.startswith("nanochat_hf."):
+                raise ImportError("nanochat_hf is blocked in this test")
+    sys.meta_path.insert(0, BlockNanochatHF())
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    source, out_path = sys.argv[1:3]
+    text = "Hello world! 12+34 = 46 <|bos|>"
+    trusted = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    fast = PreTrainedTokenizerFast.from_pretrained(source)
+    print("=== bare call ===", flush=True)
+    bare = AutoTokenizer.from_pretrained(source)
+    chat = trusted.apply_chat_template([{"role": "user", "content": "hi <|bos|>"}], add_generation_prompt=True, tokenize=True)
+    chat = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
+    json.dump({
+        "trusted": trusted(text)["input_ids"], "bare": bare(text)["input_ids"], "fast": fast(text)["input_ids"],
+        "fast_max_length": fast.model_max_length,
+        "max_length": trusted.model_max_length, "chat": chat, "blocked": "nanochat_hf" not in sys.modules,
+    }, open(out_path, "w"))
+    """
+)
+
+
+def test_auto_tokenizer_loads_without_a_prompt_and_with_the_context_length(tmp_path, tiny_checkpoint):
+    """The documented calls (`trust_remote_code=True` as for the model, or PreTrainedTokenizerFast) ask nothing,
+    stdin closed; a bare call, whose config.json transformers reads first and asks about, still ends and gives the
+    same tokens (README: why the bare call cannot be silent under transformers 5.24)."""
+    import tokenizers
+
+    script, out_path = tmp_path / "tok.py", tmp_path / "tok.json"
+    script.write_text(TOKENIZER_LOADER)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_checkpoint), str(out_path)],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trusted_output = (result.stdout + result.stderr).split("=== bare call ===")[0]
+    assert "Do you wish to run the custom code" not in trusted_output and "trust_remote_code" not in trusted_output
+    out = json.loads(out_path.read_text())
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    reference = tokenizers.Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    text = "Hello world! 12+34 = 46 <|bos|>"
+    assert out["blocked"]
+    assert out["trusted"] == out["bare"] == out["fast"] == reference.encode(text).ids
+    assert out["max_length"] == out["fast_max_length"] == config["max_position_embeddings"] == 256
+    # the chat template is the tokenizer's: a message's literal "<|bos|>" is text, not a second bos
+    assert out["chat"][0] == config["bos_token_id"] and config["bos_token_id"] not in out["chat"][1:]

@@ -2,7 +2,9 @@
 tests/transformers_common/) against a tiny model of each generation.
 
 `GenerationTesterMixin` lives in tests/generation/test_utils.py, which the 5.24.0 sdist does not carry, so its
-tests do not run here; tests/test_generation.py and tests/test_modeling.py cover generate (static cache included).
+tests do not run here; tests/test_generation_modes.py covers its ground (every decoding mode against uncached full
+forwards, beam scores against recomputed log-probabilities, assisted and prompt-lookup decoding, continuing from a
+cache, EOS, inputs_embeds), with tests/test_generation.py and tests/test_modeling.py (static cache, left padding).
 Every test skipped below states why.
 """
 
@@ -57,7 +59,7 @@ class _NanoChatCommonTests(ModelTesterMixin):
     def setUp(self):
         self.model_tester = TinyNanoChatTester(self, self.generation)
 
-    @unittest.skip("GenerationTesterMixin is not in the transformers 5.24.0 sdist (see the module docstring)")
+    @unittest.skip("GenerationTesterMixin is not in the transformers 5.24.0 sdist: tests/test_generation_modes.py")
     def test_generation_tester_mixin_inheritance(self):
         pass
 

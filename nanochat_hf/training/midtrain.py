@@ -54,7 +54,27 @@ from .pretrain import (
 
 
 @dataclass
-class MidtrainArguments(PretrainArguments):
+class ConversationDataArguments:
+    """Where a chat stage's conversations come from: the fields midtraining and SFT share."""
+
+    tier: str = field(default="d20", metadata={"help": "mixture of nanochat_hf.tasks.build_mixture for this tier"})
+    data_dir: str | None = field(default=None, metadata={"help": "local copies of the mixture's Hub datasets"})
+    conversations: str | None = field(default=None,
+                                      metadata={"help": "a .jsonl/.parquet file of {'messages': [...]} rows to use "
+                                                "instead of the tier's mixture"})
+    val_conversations: str | None = field(default=None,
+                                          metadata={"help": "a .jsonl/.parquet file of validation conversations (with "
+                                                    "--conversations; default: the tier's test-split mixture)"})
+    val_rows: int = field(default=0, metadata={"help": "use only the first N validation conversations; 0: all"})
+    max_rows: int = field(default=-1, metadata={"help": "use only the first N conversations (smoke runs); -1: all"})
+
+
+# Checked by each stage's __post_init__ with its own bounds.
+CONVERSATION_BOUNDS = {"val_rows": Bound(low=0), "max_rows": Bound(low=1, off=-1)}
+
+
+@dataclass
+class MidtrainArguments(PretrainArguments, ConversationDataArguments):
     """A midtraining run: pretraining's fields (the model comes from `init_from`) plus where the conversations
     come from."""
 
@@ -68,16 +88,6 @@ class MidtrainArguments(PretrainArguments):
     init_from: str | None = field(default="runs/d20/pretrain/final",
                                   metadata={"help": "base model folder (its tokenizer is used)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: init_from's)"})
-    tier: str = field(default="d20", metadata={"help": "mixture of nanochat_hf.tasks.build_mixture for this tier"})
-    data_dir: str | None = field(default=None, metadata={"help": "local copies of the mixture's Hub datasets"})
-    conversations: str | None = field(default=None,
-                                      metadata={"help": "a .jsonl/.parquet file of {'messages': [...]} rows to use "
-                                                "instead of the tier's mixture"})
-    val_conversations: str | None = field(default=None,
-                                          metadata={"help": "a .jsonl/.parquet file of validation conversations (with "
-                                                    "--conversations; default: the tier's test-split mixture)"})
-    val_rows: int = field(default=0, metadata={"help": "use only the first N validation conversations; 0: all"})
-    max_rows: int = field(default=-1, metadata={"help": "use only the first N conversations (smoke runs); -1: all"})
     assistant_only_loss: bool = field(default=False,
                                       metadata={"help": "train only on nanochat's masked tokens (ORIG midtraining "
                                                 "trains on every token)"})
@@ -95,7 +105,7 @@ class MidtrainArguments(PretrainArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_bounds(self, {"val_rows": Bound(low=0), "max_rows": Bound(low=1, off=-1), "num_proc": Bound(low=1)})
+        check_bounds(self, {**CONVERSATION_BOUNDS, "num_proc": Bound(low=1)})
 
 
 class MidtrainSchedule(NanoChatSchedule):

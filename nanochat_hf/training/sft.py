@@ -48,7 +48,7 @@ from ..output_folder import run_folder
 from ..tokenizer.bpe import load_tokenizer, token_bytes
 from .arguments import OPTIMIZER_FIELDS, TrainerFields, hand_project_to_wandb, trainer_config
 from .checkpoints import read_run_record, warm_start_optimizer
-from .midtrain import stage_mixture, validation_mixture
+from .midtrain import CONVERSATION_BOUNDS, ConversationDataArguments, stage_mixture, validation_mixture
 from .optim import NanoChatSchedule, orthogonalization_dtype
 from .pretrain import (
     LossLog,
@@ -108,7 +108,7 @@ SFT_TRAINER = TrainerFields(
 
 
 @dataclass
-class SFTArguments:
+class SFTArguments(ConversationDataArguments):
     """An SFT run. Every field can be set in the recipe YAML and overridden on the command line. A field left
     unset takes its pipeline's nanochat default (2026: inherited from the base run where HEAD inherits it).
     `trainer_args` holds the other SFTConfig fields given."""
@@ -122,16 +122,6 @@ class SFTArguments:
         "help": "model folder to fine-tune: the midtrained model (2025) or the base model (2026)"})
     pipeline: str = field(default="2025", metadata={
         "help": "2025: nanochat ORIG's SFT after midtraining; 2026: HEAD's SFT from the base model"})
-    tier: str = field(default="d20", metadata={"help": "mixture of nanochat_hf.tasks.build_mixture for this tier"})
-    data_dir: str | None = field(default=None, metadata={"help": "local copies of the mixture's Hub datasets"})
-    conversations: str | None = field(default=None,
-                                      metadata={"help": "a .jsonl/.parquet file of {'messages': [...]} rows to use "
-                                                "instead of the tier's mixture"})
-    val_conversations: str | None = field(default=None,
-                                          metadata={"help": "a .jsonl/.parquet file of validation conversations (with "
-                                                    "--conversations; default: the tier's test-split mixture)"})
-    val_rows: int = field(default=0, metadata={"help": "use only the first N validation conversations; 0: all"})
-    max_rows: int = field(default=-1, metadata={"help": "use only the first N conversations (smoke runs); -1: all"})
     max_seq_len: int = field(default=-1, metadata={"help": "2025: truncate conversations to this many tokens; "
                                                    "2026: the packed rows' length; -1: the model's context"})
     device_batch_size: int | None = field(default=None, metadata={
@@ -191,7 +181,7 @@ class SFTArguments:
                 setattr(self, name, value)
         # Refused when parsed, before anything loads; -1 means "derive it" or "off".
         check_bounds(self, {
-            "val_rows": Bound(low=0), "max_rows": Bound(low=1, off=-1), "max_seq_len": Bound(low=2, off=-1),
+            **CONVERSATION_BOUNDS, "max_seq_len": Bound(low=2, off=-1),
             "device_batch_size": Bound(low=1), "target_examples_per_step": Bound(low=1),
             "total_batch_size": Bound(low=1), "num_epochs": Bound(above=0), "num_iterations": Bound(low=1, off=-1),
             "embedding_lr": Bound(low=0), "unembedding_lr": Bound(low=0), "matrix_lr": Bound(low=0),
