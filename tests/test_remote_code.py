@@ -171,3 +171,24 @@ def test_auto_tokenizer_loads_without_a_prompt_and_with_the_context_length(tmp_p
     assert out["max_length"] == out["fast_max_length"] == config["max_position_embeddings"] == 256
     # the chat template is the tokenizer's: a message's literal "<|bos|>" is text, not a second bos
     assert out["chat"][0] == config["bos_token_id"] and config["bos_token_id"] not in out["chat"][1:]
+
+
+def test_with_the_package_imported_bare_auto_calls_ask_nothing(tiny_checkpoint, monkeypatch):
+    """`import nanochat_hf` registers the model type, so AutoConfig/AutoTokenizer/AutoModelForCausalLM need no
+    trust_remote_code and never reach transformers' question (answering it here would fail the test)."""
+    import builtins
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from nanochat_hf import NanoChatConfig
+
+    def no_prompt(*_):
+        raise AssertionError("transformers asked about remote code")
+
+    monkeypatch.setattr(builtins, "input", no_prompt)
+    config = AutoConfig.from_pretrained(tiny_checkpoint)  # the prompt's failure would raise ValueError here
+    assert type(config) is NanoChatConfig
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    assert tokenizer.model_max_length == config.max_position_embeddings
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    assert type(model) is NanoChatForCausalLM
