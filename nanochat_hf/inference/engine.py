@@ -74,8 +74,8 @@ class KVCache:
         copy.pos = self.pos
         copy.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
         copy.values = [None if v is None else v.index_select(0, index) for v in self.values]
-        # Per-row state a model keeps on its cache travels too (NanoChat's smear keeps the previous token's
-        # embedding there); it is batch-first like the keys.
+        # Per-row state a model keeps on its cache travels too (NanoChat's smear keeps the previous token's id
+        # there); it is batch-first like the keys.
         for name, value in vars(self).items():
             if name not in self._OWN_FIELDS:
                 is_row_state = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
