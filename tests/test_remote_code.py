@@ -14,8 +14,9 @@ from nanochat_hf import NanoChatForCausalLM
 
 from .hub_cache import populate_hub_cache
 
-# Runs in a fresh interpreter; `nanochat_hf` is made unimportable before transformers is touched.
-LOADER = textwrap.dedent(
+# The start of every script below: run in a fresh interpreter, `nanochat_hf` is made unimportable before
+# transformers is touched.
+BLOCK_PACKAGE = textwrap.dedent(
     """
     import sys, json
     class BlockNanochatHF:
@@ -23,6 +24,10 @@ LOADER = textwrap.dedent(
             if name == "nanochat_hf" or name.startswith("nanochat_hf."):
                 raise ImportError("nanochat_hf is blocked in this test")
     sys.meta_path.insert(0, BlockNanochatHF())
+    """
+)
+LOADER = BLOCK_PACKAGE + textwrap.dedent(
+    """
     import torch
     from transformers import AutoModelForCausalLM
     source, ids_path, out_path = sys.argv[1:4]
@@ -117,14 +122,8 @@ def test_remote_code_by_repo_id_from_offline_hub_cache(tmp_path, tiny_model_fact
     assert torch.equal(out["generated"], generated)
 
 
-TOKENIZER_LOADER = textwrap.dedent(
+TOKENIZER_LOADER = BLOCK_PACKAGE + textwrap.dedent(
     """
-    import sys, json
-    class BlockNanochatHF:
-        def find_spec(self, name, path=None, target=None):
-            if name == "nanochat_hf" or name.startswith("nanochat_hf."):
-                raise ImportError("nanochat_hf is blocked in this test")
-    sys.meta_path.insert(0, BlockNanochatHF())
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     source, out_path = sys.argv[1:3]
     text = "Hello world! 12+34 = 46 <|bos|>"

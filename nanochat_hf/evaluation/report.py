@@ -290,15 +290,9 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], offsets: dict[str, i
     if not curves:
         path.unlink(missing_ok=True)
         return False
-    try:
-        # The object API with the Agg canvas: no pyplot state, no backend switch in the caller's process.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
+    if (figure := _new_figure((8, 4.5))) is None:
         return False
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = figure
     for i, (stage, points) in enumerate(curves.items()):
         color = f"C{i}"
         steps = [offsets.get(stage, 0) + s for s, _ in points]
@@ -321,6 +315,19 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], offsets: dict[str, i
     fig.tight_layout()
     _save_figure(fig, path)
     return True
+
+
+def _new_figure(size: tuple[float, float]):
+    """A figure and its one axes, or None where matplotlib is not installed."""
+    try:
+        # The object API with the Agg canvas: no pyplot state, no backend switch in the caller's process.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -506,14 +513,9 @@ def plot_chat_format(evals: dict[str, dict | None], path: Path) -> bool:
     if not any(v is not None for vs in values.values() for v in vs):
         path.unlink(missing_ok=True)
         return False
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
+    if (figure := _new_figure((6, 4))) is None:
         return False
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = figure
     width = 0.38
     for i, (label, vs) in enumerate(values.items()):
         xs = [j + (i - 0.5) * width for j in range(len(stages))]
